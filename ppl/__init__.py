@@ -1,0 +1,1 @@
+"""ppl: programmable variational inference over NumPyro."""
