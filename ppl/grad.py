@@ -63,7 +63,7 @@ def _setup(model, guide, params, rng_key, args, kwargs) -> Setup:
     k1, k2 = jax.random.split(rng_key)
     with trace() as gt, substitute_params(params=params), seed(rng_seed=k1):
         _program(guide)(*args, **kwargs)
-    for name, site in gt.items():
+    for site in gt.values():
         if site["type"] == "sample" and not site["is_observed"]:
             resolve(site)  # raises for impossible estimator/distribution pairs
     with trace() as mt, substitute_params(params=params), seed(rng_seed=k2), replay(trace=gt):
