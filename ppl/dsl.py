@@ -132,9 +132,10 @@ class Trace(Mapping):
     non-observed sites; ``log_prob(name)``: the (unscaled, masked) log density of one site.
     """
 
-    def __init__(self, sites: OrderedDict, weights: dict | None = None):
+    def __init__(self, sites: OrderedDict, weights: dict | None = None, origin=None):
         self.sites = sites
         self.weights = dict(weights or {})
+        self.origin = origin  # (program, args, kwargs) that produced the trace
 
     def __getitem__(self, name):
         return self.sites[name]
@@ -334,7 +335,7 @@ def _run_program(run: _Run, fn, args, kwargs, unobserve=False) -> Trace:
                     fn(*args, **kwargs)
             else:
                 fn(*args, **kwargs)
-    return Trace(tr)
+    return Trace(tr, origin=(fn, args, kwargs, run.particles, run.inner))
 
 
 def replay_program(run: _Run, fn, tr: Trace, args, kwargs, what="the trace") -> OrderedDict:
@@ -381,8 +382,26 @@ def score(run: _Run, fn, trace, args, kwargs, keep_plates=False, register=True):
     kept plates alone (for densities that are only intermediate results)."""
     if hasattr(fn, "_ppl_log_density"):
         return fn._ppl_log_density(run, trace, args, kwargs, keep_plates, register)
+    if _same_execution(trace, fn, args, kwargs, run):
+        return sum_log_prob(run, trace.sites, keep_plates, register=register)
     sites = replay_program(run, fn, trace, args, kwargs)
     return sum_log_prob(run, sites, keep_plates, register=register)
+
+
+def _same_execution(trace, fn, args, kwargs, run) -> bool:
+    """True when ``trace`` was drawn from ``fn`` on these very arguments in the same
+    particle context, so its own site densities can be scored without a replay."""
+    origin = getattr(trace, "origin", None)
+    if origin is None or origin[0] is not fn:
+        return False
+    o_args, o_kwargs = origin[1], origin[2]
+    if len(o_args) != len(args) or set(o_kwargs) != set(kwargs):
+        return False
+    if not all(a is b for a, b in zip(o_args, args, strict=True)):
+        return False
+    if not all(o_kwargs[k] is kwargs[k] for k in kwargs):
+        return False
+    return origin[3] == run.particles and origin[4] == run.inner and id(run) == id(_RUNS[-1])
 
 
 def _kept_plates(run: _Run, keep_plates) -> dict:

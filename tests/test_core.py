@@ -360,3 +360,36 @@ def test_non_finite_data_and_bad_counts():
 def test_constructs_outside_an_objective_are_an_error():
     with pytest.raises(RuntimeError, match="inside an objective"):
         ppl.sample_trace(gauss_guide, X)
+
+
+def test_unmodified_numpyro_program_with_nested_plates_module_factor_deterministic():
+    import equinox as eqx
+    from numpyro.contrib.module import eqx_module
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (20, 3))
+    y = x.sum(-1) > 0
+
+    def model(x, y):
+        net = eqx_module("net", eqx.nn.MLP(3, 1, 8, 1, key=jax.random.PRNGKey(1)))
+        scale = numpyro.sample("scale", dist.HalfNormal(1.0))
+        with numpyro.plate("groups", 2, dim=-2):
+            off = numpyro.sample("off", dist.Normal(0, scale))
+            with numpyro.plate("data", 20, subsample_size=5, dim=-1) as i:
+                logits = numpyro.deterministic("logits", jax.vmap(net)(x[i])[..., 0] + off)
+                numpyro.sample("y", dist.Bernoulli(logits=logits), obs=y[i])
+        numpyro.factor("penalty", -0.1 * scale**2)
+
+    def guide(x, y):
+        a = numpyro.param("a", 1.0, constraint=dist.constraints.positive)
+        numpyro.sample("scale", dist.LogNormal(0.0, a))
+        with numpyro.plate("groups", 2, dim=-2):
+            numpyro.sample("off", dist.Normal(numpyro.param("loc", jnp.zeros((2, 1))), 0.5))
+
+    params = ppl.init_params(jax.random.PRNGKey(0), model, guide, x, y)
+    assert set(params) == {"a", "loc", "net$params"}
+    for objective in [ppl.objectives.elbo, ppl.objectives.iwelbo(3), ppl.objectives.renyi(0.5, 3)]:
+        f = jax.jit(ppl.value_and_grad(objective, model, guide))
+        value, grads = f(params, jax.random.PRNGKey(1), x, y)
+        assert np.isfinite(value)
+        assert jax.tree.structure(grads) == jax.tree.structure(params)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
