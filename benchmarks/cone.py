@@ -65,13 +65,13 @@ def train(objective, guide, steps=5000, lr=1e-3, keys_per_step=64, seed=0):
 
 
 def main():
-    O = ppl.objectives
+    obj = ppl.objectives
     rows = [
-        ("ELBO", O.elbo, mean_field),
-        ("IWELBO(5)", O.iwelbo(5), mean_field),
-        ("HVI", O.hvi(), expressive),
-        ("IWHVI(5)", O.iwhvi(5), expressive),
-        ("DIWHVI(5,5)", O.diwhvi(None, 5, 5), expressive),
+        ("ELBO", obj.elbo, mean_field),
+        ("IWELBO(5)", obj.iwelbo(5), mean_field),
+        ("HVI", obj.hvi(), expressive),
+        ("IWHVI(5)", obj.iwhvi(5), expressive),
+        ("DIWHVI(5,5)", obj.diwhvi(None, 5, 5), expressive),
     ]
     print(f"exact log p(z=5) = {LOG_P}")
     print("| objective | ppl (± s.e.) | Table 4 (genjax.vi) | diff | seconds |")
