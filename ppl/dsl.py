@@ -179,7 +179,7 @@ def log_prob(fn, value):
     """
     if isinstance(fn, dist.BernoulliLogits):
         x = fn.logits
-        return value * jax.nn.log_sigmoid(x) + (1 - value) * jax.nn.log_sigmoid(-x)
+        return value * x - jax.nn.softplus(x)
     if isinstance(fn, dist.Independent) and _has_bernoulli_logits(fn):
         lp = log_prob(fn.base_dist, value)
         n = fn.reinterpreted_batch_ndims

@@ -59,7 +59,16 @@ def _program(fn):
 
 
 def _setup(model, guide, params, rng_key, args, kwargs) -> Setup:
-    """Trace guide and model once to learn plates, batch rank and sites; validate the pair."""
+    """Trace guide and model once to learn plates, batch rank and sites; validate the pair.
+
+    The tracing is abstract (``jax.eval_shape``), so it adds nothing to the compiled step.
+    """
+    found = []
+    jax.eval_shape(lambda: found.append(_trace_setup(model, guide, params, rng_key, args, kwargs)))
+    return found[0]
+
+
+def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
     k1, k2 = jax.random.split(rng_key)
     with trace() as gt, substitute_params(params=params), seed(rng_seed=k1):
         _program(guide)(*args, **kwargs)
