@@ -1,0 +1,32 @@
+"""Execute every tutorial notebook in fast mode (``PPL_FAST=1`` shrinks the runs)."""
+
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_there_is_a_tutorial_notebook():
+    assert any(p.name == "01_programmable_vi.ipynb" for p in NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path, monkeypatch):
+    monkeypatch.setenv("PPL_FAST", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3").execute(
+        resources={"metadata": {"path": str(path.parent)}}
+    )
+    errors = [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
+    assert not errors
