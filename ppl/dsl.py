@@ -218,16 +218,29 @@ def unconstrain(value, constraint):
 
 
 class substitute_params(Messenger):
-    """Give ``param`` sites the constrained value of an unconstrained ``params`` dict."""
+    """Give ``param`` sites the constrained value of an unconstrained ``params`` dict.
 
-    def __init__(self, fn=None, params=None):
+    A param site missing from ``params`` is an error (with ``strict=True``, the default):
+    it would otherwise silently keep its initial value and never be trained.
+    """
+
+    def __init__(self, fn=None, params=None, strict=True):
         self.params = params or {}
+        self.strict = strict
         super().__init__(fn)
 
     def process_message(self, msg):
-        if msg["type"] == "param" and msg["name"] in self.params:
+        if msg["type"] != "param":
+            return
+        if msg["name"] in self.params:
             c = msg["kwargs"].get("constraint", constraints.real)
             msg["value"] = constrain(self.params[msg["name"]], c)
+        elif self.strict:
+            raise ValueError(
+                f"param {msg['name']!r} is not in params (which has {sorted(self.params)}); "
+                "create params with ppl.init_params(rng_key, model, guide, *args) — for a "
+                "learned reverse model pass guide=ppl.marginal(guide, reverse=...)"
+            )
 
 
 class _sample_sites(Messenger):

@@ -520,9 +520,11 @@ def constrain_params(params, model, guide, *args, **kwargs) -> dict:
     """
     key = jax.random.PRNGKey(0)
     out = {}
-    guide_fn = substitute_params(seed(_program(guide), key), params=params)
+    guide_fn = substitute_params(seed(_program(guide), key), params=params, strict=False)
     gt = trace(guide_fn).get_trace(*args, **kwargs)
-    model_fn = substitute_params(replay(seed(_program(model), key), gt), params=params)
+    model_fn = substitute_params(
+        replay(seed(_program(model), key), gt), params=params, strict=False
+    )
     mt = trace(model_fn).get_trace(*args, **kwargs)
     for tr in (gt, mt):
         for name, site in tr.items():

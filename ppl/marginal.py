@@ -127,6 +127,20 @@ class marginal:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    def _ppl_init_traces(self, rng_key, guide_trace, args, kwargs):
+        """Traces whose params :func:`ppl.init_params` must create (the reverse model's)."""
+        if self.reverse is None:
+            return []
+        from numpyro.handlers import seed, trace
+
+        keep = set(self.keep or ())
+        z = {
+            k: s["value"]
+            for k, s in guide_trace.items()
+            if s["type"] == "sample" and not s["is_observed"] and (not keep or k in keep)
+        }
+        return [trace(seed(self.reverse, rng_key)).get_trace(z, *args, **kwargs)]
+
     def _split(self, run, tr: Trace):
         keep = self.keep if self.keep is not None else run.setup.model_latents
         latents = list(tr.latents)

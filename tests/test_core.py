@@ -305,9 +305,17 @@ def test_user_objective_chi_upper_bound_and_tempered_elbo():
 
 
 def test_unknown_site_in_estimator_map_is_named():
+    params = ppl.init_params(jax.random.PRNGKey(0), gauss_model, gauss_guide, X)
     g = estimators(gauss_guide, {"zz": MVD()})
     with pytest.raises(ValueError, match="zz"):
-        ppl.value_and_grad(ppl.objectives.elbo, gauss_model, g)({}, jax.random.PRNGKey(0), X)
+        ppl.value_and_grad(ppl.objectives.elbo, gauss_model, g)(params, jax.random.PRNGKey(0), X)
+
+
+def test_param_missing_from_params_is_named():
+    with pytest.raises(ValueError, match="param 'm' is not in params"):
+        ppl.value_and_grad(ppl.objectives.elbo, gauss_model, gauss_guide)(
+            {"s": jnp.array(0.0)}, jax.random.PRNGKey(0), X
+        )
 
 
 def test_guide_missing_latent_site_is_named():
