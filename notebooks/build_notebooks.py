@@ -198,9 +198,8 @@ def main(argv=None):
     if args.execute:
         from nbclient import NotebookClient
 
-        NotebookClient(nb, timeout=1800, kernel_name="python3").execute(
-            resources={"metadata": {"path": str(HERE)}}
-        )
+        resources = {"metadata": {"path": str(HERE)}}
+        NotebookClient(nb, timeout=1800, kernel_name="python3", resources=resources).execute()
     tmp = path.with_suffix(".tmp")
     nbformat.write(nb, tmp)
     tmp.replace(path)

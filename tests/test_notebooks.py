@@ -19,9 +19,8 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("PPL_FAST", "1")
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3").execute(
-        resources={"metadata": {"path": str(path.parent)}}
-    )
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources=resources).execute()
     errors = [
         out
         for cell in nb.cells
