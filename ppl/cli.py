@@ -33,6 +33,8 @@ from pathlib import Path
 __all__ = ["main", "build_parser", "UsageError"]
 
 TMP_PREFIX = ".ppl-tmp-"
+#: ``{model: error}`` for registered models whose options could not be added to the parser.
+BROKEN: dict[str, str] = {}
 MAX_SUMMARY_ROWS = 400
 
 
@@ -161,7 +163,7 @@ def _add_fit_options(parser: argparse.ArgumentParser, spec) -> None:
         m = parser.add_argument_group("MCMC (--inference nuts)")
         m.add_argument(
             "--num-warmup",
-            type=_int_at_least(1),
+            type=_int_at_least(0),
             default=num_warmup,
             metavar="W",
             help="warmup (adaptation) steps per chain (default: %(default)s)",
@@ -205,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`ppl fit MODEL --help` lists the model's options.",
     )
     models = fit.add_subparsers(dest="model", metavar="MODEL", required=True)
+    BROKEN.clear()
     for spec in ppl.models.specs():
+        try:  # a family whose options clash or fail is left out, not the whole command
+            _add_fit_options(_Parser(prog=f"ppl fit {spec.name}"), spec)
+        except Exception as exc:
+            BROKEN[spec.name] = f"{type(exc).__name__}: {_one_line(exc)}"
+            continue
         epilog = (spec.details + "\n\n" if spec.details else "") + (
             "Writes into DIR: posterior.nc, loss.png, the model's plot(s) and summary.txt. "
             "PPL_FAST=1 shrinks the defaults for smoke runs."
@@ -385,7 +393,7 @@ def _model_figures(spec, fit, problem, out: Path) -> dict:
 def _summary_table(spec, idata) -> str:
     import arviz as az
 
-    log = logging.getLogger("arviz")
+    log = getattr(az, "_log", None) or logging.getLogger("arviz")  # arviz's own Logger
     level = log.level
     log.setLevel(logging.ERROR)  # one-chain SVI draws: "Shape validation failed" (r_hat NaN)
     try:
@@ -425,9 +433,8 @@ def _summary_text(spec, opts, fit, fit_seconds, total_seconds, files) -> str:
         lines.append(f"steps: {opts.steps}")
     lines.append(f"seed: {opts.seed}, posterior draws: {opts.num_samples}")
     if fit.final_objective is not None:
-        lines.append(
-            f"final objective: {fit.final_objective:.6g} (mean over the last 10% of steps)"
-        )
+        how = " (mean over the last 10% of steps)" if opts.inference == "svi" else ""
+        lines.append(f"final objective: {fit.final_objective:.6g}{how}")
     lines += list(fit.notes)
     lines.append(
         f"wall time: {fit_seconds:.2f} s fit (incl. compilation), {total_seconds:.2f} s total"
@@ -446,7 +453,7 @@ def _summary_text(spec, opts, fit, fit_seconds, total_seconds, files) -> str:
 def _cmd_list(out) -> int:
     import ppl.models
 
-    specs = ppl.models.specs()
+    specs = [s for s in ppl.models.specs() if s.name not in BROKEN]
     width = max([len(s.name) for s in specs] + [5])
     inf = max([len(", ".join(s.inference)) for s in specs] + [9])
     print(f"{'MODEL':<{width}}  {'INFERENCE':<{inf}}  DESCRIPTION", file=out)
@@ -454,6 +461,8 @@ def _cmd_list(out) -> int:
         print(f"{s.name:<{width}}  {', '.join(s.inference):<{inf}}  {s.description}", file=out)
     for family, error in ppl.models.failed().items():
         print(f"ppl: warning: model family {family!r} failed to import: {error}", file=sys.stderr)
+    for name, error in BROKEN.items():
+        print(f"ppl: warning: model {name!r} left out (bad options: {error})", file=sys.stderr)
     return 0
 
 
