@@ -32,3 +32,13 @@ __all__ = [
     "sample_trace",
     "value_and_grad",
 ]
+
+
+def __getattr__(name):
+    # ``import ppl`` then ``ppl.inference.SVI`` / ``ppl.models.get`` work without an explicit
+    # import of the subpackage (loaded on first use: they pull in optax, arviz, ...).
+    if name in ("inference", "models"):
+        import importlib
+
+        return importlib.import_module(f"ppl.{name}")
+    raise AttributeError(f"module 'ppl' has no attribute {name!r}")
