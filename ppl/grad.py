@@ -469,7 +469,7 @@ def init_params(rng_key, model, guide, *args, **kwargs) -> dict:
         ...     s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
         ...     numpyro.sample("z", dist.Normal(0, s))
         >>> ppl.init_params(jax.random.PRNGKey(0), model, guide)
-        {'s': Array(0., dtype=float32, weak_type=True)}
+        {'s': Array(0., dtype=float32)}
     """
     check_data(*args, **kwargs)
     keys = jax.random.split(rng_key, 4)
@@ -500,7 +500,13 @@ def init_params(rng_key, model, guide, *args, **kwargs) -> dict:
                     params[pname] = (
                         unconstrain(psite["value"], c) if c is not None else psite["value"]
                     )
-    return params
+    return {k: jax.tree.map(_strong, v) for k, v in params.items()}
+
+
+def _strong(x):
+    """A strongly typed array (Python floats would be weakly typed and retrace scans)."""
+    x = jnp.asarray(x)
+    return jnp.asarray(x, dtype=x.dtype)
 
 
 def constrain_params(params, model, guide, *args, **kwargs) -> dict:
