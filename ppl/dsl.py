@@ -58,6 +58,7 @@ class Setup(NamedTuple):
     dims), so particles go at ``-(batch_rank + 1)``. ``auto_plates``: plates enclosing every
     sample site of model and guide (``{name: dim}``). ``plate_scales``: ``{name: size /
     subsample_size}``. ``model_latents``, ``model_params``, ``guide_params``: site names.
+    ``site_shapes``: ``{name: value shape}`` of every sample site outside particles.
     """
 
     batch_rank: int
@@ -66,6 +67,7 @@ class Setup(NamedTuple):
     model_latents: tuple
     model_params: tuple
     guide_params: tuple
+    site_shapes: dict = {}
 
 
 class _Run:

@@ -113,6 +113,12 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
         ),
         model_params=tuple(n for n, s in mt.items() if s["type"] == "param"),
         guide_params=tuple(n for n, s in gt.items() if s["type"] == "param"),
+        site_shapes={
+            n: tuple(jnp.shape(s["value"]))
+            for tr in (mt, gt)
+            for n, s in tr.items()
+            if s["type"] == "sample"
+        },
     )
 
 
@@ -256,7 +262,13 @@ def _reinforce(spec, params, run, rec):
         b = (signal.sum(axis=axis, keepdims=True) - signal) / (num - 1)
     elif baseline is not None:
         if baseline == "mean":
-            b = params[f"{msg['name']}_baseline"]
+            name = f"{msg['name']}_baseline"
+            if name not in params:
+                raise ValueError(
+                    f"REINFORCE(baseline='mean') at site {msg['name']!r} keeps its running mean "
+                    f"in params[{name!r}], which is missing; create params with ppl.init_params"
+                )
+            b = params[name]
         else:
             with substitute_params(params=params):
                 b = baseline(*spec.args, **spec.kwargs)

@@ -296,6 +296,9 @@ class normalize:
             idx = idx.reshape((1,) * (axis + 1) + idx.shape + (1,) * event)
             idx = jnp.broadcast_to(idx, value.shape[:axis] + (1,) + value.shape[axis + 1 :])
             picked = jnp.take_along_axis(value, idx, axis=axis).squeeze(axis)
+            natural = run.setup.site_shapes.get(name)
+            if natural is not None and math.prod(natural) == picked.size:
+                picked = picked.reshape(natural)  # drop the padding the particle plate added
             sites[name] = {
                 "type": "sample",
                 "name": name,
