@@ -24,10 +24,10 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
-from ppl.models import vae
-from ppl.transforms import ENUM, MVD, REINFORCE, estimators
 
 import ppl
+from ppl.models import vae
+from ppl.transforms import ENUM, MVD, REINFORCE, estimators
 
 LATENT = 16
 BATCH = 64

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 import ppl
+from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 N = 100_000
 

@@ -25,10 +25,10 @@ import numpyro.distributions as dist
 import optax
 from numpyro.infer import SVI as NumPyroSVI
 from numpyro.infer import Trace_ELBO
-from ppl.inference import SVI
-from ppl.models import vae
 
 import ppl
+from ppl.inference import SVI
+from ppl.models import vae
 
 
 def regression(x, y=None):

@@ -26,9 +26,9 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 from numpyro.infer import SVI, RenyiELBO, Trace_ELBO
-from ppl.models import vae
 
 import ppl
+from ppl.models import vae
 
 BATCH = 64
 

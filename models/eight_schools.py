@@ -14,6 +14,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+
 from ppl.models.registry import FitResult, ModelSpec, Problem, register
 
 __all__ = ["SCHOOLS", "SIGMA", "Y", "eight_schools", "eight_schools_guide", "load_data"]

@@ -262,6 +262,7 @@ def fit_svi(spec: ModelSpec, problem: Problem, opts: argparse.Namespace, rng_key
     import jax
     import numpy as np
     import optax
+
     from ppl.inference import SVI, to_inference_data
 
     if problem.guide is None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+
 from ppl.models.registry import FitResult, ModelSpec, Problem, register
 
 __all__ = [

@@ -15,10 +15,11 @@ import pytest
 import xarray as xr
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
-from ppl.inference import to_inference_data
 
 # the non-centred eight schools model and its NUTS run (shared, run once per session)
 from test_nuts import SIGMA8, Y8, eight_schools_nuts, schools_noncentred
+
+from ppl.inference import to_inference_data
 
 matplotlib.use("Agg")
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import arviz as az
 import numpy as np
-import ppl.models
 import pytest
-from ppl.models import FitResult, ModelSpec, Problem
 
+import ppl.models
 from ppl import cli
+from ppl.models import FitResult, ModelSpec, Problem
 
 PPL = Path(sys.executable).with_name("ppl")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,9 +10,9 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.infer import Trace_ELBO
-from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 import ppl
+from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 X = jnp.array([0.5, 1.2, -0.3])
 

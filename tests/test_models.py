@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import ppl.models
 import pytest
 from numpyro import handlers
+
+import ppl.models
 from ppl.models import ModelSpec, Problem, registry, vae
 from ppl.models import eight_schools as es
 

@@ -10,6 +10,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+
 from ppl.inference import NUTS
 
 # ---------------------------------------------------------------------------

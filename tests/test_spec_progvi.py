@@ -23,10 +23,10 @@ import pytest
 from numpy.polynomial.hermite_e import hermegauss
 from numpyro.distributions import constraints
 from numpyro.infer import Trace_ELBO
-from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 import ppl
 from ppl import objectives as O
+from ppl.transforms import ENUM, MVD, REINFORCE, REPARAM, estimators
 
 # ----------------------------------------------------------------------------- helpers
 

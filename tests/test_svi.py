@@ -15,11 +15,11 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
+
+import ppl
 from ppl.inference import SVI, SVIRunResult, SVIState
 from ppl.inference.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ppl.inference.svi import SVINonFiniteError
-
-import ppl
 
 # --- a conjugate Gaussian model: mu ~ N(0, 1), x_i ~ N(mu, 1) -----------------------------
 
