@@ -51,7 +51,10 @@ FAST = os.environ.get("PPL_FAST") == "1"  # the test suite runs this notebook in
 STEPS = 40 if FAST else 2000
 print("fast mode" if FAST else "full mode", "| jax", jax.__version__, jax.devices())""",
     ),
-    ("md", "## 1. A model, a guide, and a new objective written in a cell"),
+    (
+        "md",
+        """## 1. A model, a guide, and a new objective written in a cell""",
+    ),
     (
         "code",
         """x = jnp.array([0.5, 1.2, -0.3])
@@ -167,15 +170,32 @@ same NumPyro model. Both give `InferenceData`, so ArviZ compares them directly."
 
 data = es.load_data()
 svi = SVI(es.eight_schools, es.eight_schools_guide, optax.adam(0.05))
-res = svi.run(jax.random.PRNGKey(0), 200 if FAST else 3000, data["sigma"], data["y"],
-              progress_bar=False)
-idata_vi = to_inference_data(res, es.eight_schools, es.eight_schools_guide, data["sigma"],
-                             data["y"], num_samples=400, key=jax.random.PRNGKey(1))
-nuts = NUTS(es.eight_schools, num_warmup=100 if FAST else 500,
-            num_samples=100 if FAST else 500, num_chains=2 if FAST else 4)
+res = svi.run(
+    jax.random.PRNGKey(0), 200 if FAST else 3000, data["sigma"], data["y"], progress_bar=False
+)
+idata_vi = to_inference_data(
+    res,
+    es.eight_schools,
+    es.eight_schools_guide,
+    data["sigma"],
+    data["y"],
+    num_samples=400,
+    key=jax.random.PRNGKey(1),
+)
+nuts = NUTS(
+    es.eight_schools,
+    num_warmup=100 if FAST else 500,
+    num_samples=100 if FAST else 500,
+    num_chains=2 if FAST else 4,
+)
 idata_mcmc = nuts.run(jax.random.PRNGKey(2), data["sigma"], data["y"])
-axes = az.plot_forest([idata_vi, idata_mcmc], model_names=["SVI", "NUTS"],
-                      var_names=["mu", "tau"], combined=True, figsize=(6, 3))
+axes = az.plot_forest(
+    [idata_vi, idata_mcmc],
+    model_names=["SVI", "NUTS"],
+    var_names=["mu", "tau"],
+    combined=True,
+    figsize=(6, 3),
+)
 print(az.compare({"svi": idata_vi, "nuts": idata_mcmc}))""",
     ),
 ]
