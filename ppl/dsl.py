@@ -161,11 +161,7 @@ class Trace(Mapping):
         }
 
     def log_prob(self, name: str):
-        site = self.sites[name]
-        lp = log_prob(site["fn"], site["value"])
-        if site.get("mask") is not None:
-            lp = jnp.where(site["mask"], lp, 0.0)
-        return lp
+        return site_log_prob(self.sites[name])
 
     def __repr__(self):
         return f"Trace({list(self.sites)})"
@@ -195,6 +191,14 @@ def log_prob(fn, value):
     return fn.log_prob(value)
 
 
+def site_log_prob(site):
+    """The unscaled log density of a sample site's value, zero where the site is masked."""
+    lp = log_prob(site["fn"], site["value"])
+    if site.get("mask") is not None:
+        lp = jnp.where(site["mask"], lp, 0.0)
+    return lp
+
+
 def _has_bernoulli_logits(fn):
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
@@ -214,7 +218,8 @@ def constrain(value, constraint):
 
 
 def unconstrain(value, constraint):
-    if constraint is constraints.real:
+    """Inverse of :func:`constrain` (``None`` means real-valued)."""
+    if constraint is None or constraint is constraints.real:
         return value
     return biject_to(constraint).inv(value)
 
@@ -444,9 +449,7 @@ def sum_log_prob(run: _Run, sites, keep_plates=False, names=None, register=True)
     for name, site in sites.items():
         if site["type"] != "sample" or (names is not None and name not in names):
             continue
-        lp = log_prob(site["fn"], site["value"])
-        if site.get("mask") is not None:
-            lp = jnp.where(site["mask"], lp, 0.0)
+        lp = site_log_prob(site)
         if site.get("scale") is not None:
             lp = lp * site["scale"]
         frames = {f.name: f.dim for f in site["cond_indep_stack"]}

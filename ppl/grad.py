@@ -35,7 +35,15 @@ import numpy as np
 from jax import lax
 from numpyro.handlers import replay, seed, trace
 
-from ppl.dsl import Setup, _Run, log_prob, running, substitute_params, unconstrain
+from ppl.dsl import (
+    Setup,
+    _Run,
+    log_prob,
+    running,
+    site_log_prob,
+    substitute_params,
+    unconstrain,
+)
 from ppl.transforms.estimators import ENUM, MVD, REINFORCE, elementwise, mvd_rule, resolve
 
 __all__ = ["value_and_grad", "init_params", "constrain_params", "check_data"]
@@ -244,9 +252,7 @@ def _site_key(spec: _Spec, rec):
 def _reinforce(spec, params, run, rec):
     msg, est = rec.msg, rec.estimator
     lay = _layout(rec, run)
-    lp = log_prob(msg["fn"], msg["value"])
-    if msg.get("mask") is not None:
-        lp = jnp.where(msg["mask"], lp, 0.0)
+    lp = site_log_prob(msg)
     signal = _to_elements(sg(run.out), lay._replace(extra=0))
     baseline = est.baseline
     b = 0.0
@@ -497,7 +503,7 @@ def init_params(rng_key, model, guide, *args, **kwargs) -> dict:
         for name, site in tr.items():
             if site["type"] == "param" and name not in params:
                 c = site["kwargs"].get("constraint")
-                params[name] = unconstrain(site["value"], c) if c is not None else site["value"]
+                params[name] = unconstrain(site["value"], c)
     for name, site in gt.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
@@ -509,9 +515,7 @@ def init_params(rng_key, model, guide, *args, **kwargs) -> dict:
             for pname, psite in bt.items():
                 if psite["type"] == "param" and pname not in params:
                     c = psite["kwargs"].get("constraint")
-                    params[pname] = (
-                        unconstrain(psite["value"], c) if c is not None else psite["value"]
-                    )
+                    params[pname] = unconstrain(psite["value"], c)
     return {k: jax.tree.map(_strong, v) for k, v in params.items()}
 
 
