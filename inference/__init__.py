@@ -1,6 +1,7 @@
-"""Inference drivers: SVI (optax), BlackJAX NUTS, and ArviZ conversion.
+"""Inference drivers: SVI (optax), BlackJAX NUTS, EM for sparse Bayesian learning
+(:mod:`ppl.inference.sbl`), and ArviZ conversion.
 
-Installed as ``ppl.inference``.
+Installed as ``ppl.inference``. Names and submodules are imported lazily.
 """
 
 import importlib
@@ -13,10 +14,15 @@ _EXPORTS = {
     "to_inference_data": ".arviz",
 }
 
-__all__ = sorted(_EXPORTS)
+#: Algorithm modules reachable as attributes (``ppl.inference.sbl``).
+_SUBMODULES = ("sbl",)
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -368,14 +368,19 @@ def _split_result(result) -> tuple[dict, Any]:
 
 def to_inference_data(
     result,
-    model: Callable,
-    guide: Callable,
+    model: Callable | None = None,
+    guide: Callable | None = None,
     *args,
-    num_samples: int = 1000,
+    num_samples: int | None = None,
     key=None,
     **kwargs,
 ) -> az.InferenceData:
-    """Convert a fitted guide into an ArviZ ``InferenceData``.
+    """Convert a fitted guide (or an algorithm's result) into an ArviZ ``InferenceData``.
+
+    Results of the algorithm drivers (e.g. :class:`ppl.inference.sbl.SBLResult`) carry
+    their own conversion: ``to_inference_data(result)`` with no model and guide calls
+    ``result.to_inference_data(key=key, ...)`` (extra keyword arguments are passed on;
+    ``num_samples`` only when given).
 
     Draws ``num_samples`` samples from the guide (``numpyro.infer.Predictive(guide,
     params=params, num_samples=num_samples)``, one chain), runs the model at them and
@@ -388,7 +393,7 @@ def to_inference_data(
     :param model: the NumPyro model the guide approximates.
     :param guide: the guide (same signature as ``model``).
     :param args: positional arguments of ``model`` and ``guide`` (including observed data).
-    :param int num_samples: guide draws (``draw`` dim; ``chain`` has size 1). At least 1.
+    :param int num_samples: guide draws (``draw`` dim; ``chain`` has size 1); default 1000.
     :param key: PRNG key for the draws and the posterior predictive; ``PRNGKey(0)`` if
         ``None``.
     :param kwargs: keyword arguments of ``model`` and ``guide``.
@@ -418,11 +423,15 @@ def to_inference_data(
         >>> idata.posterior["mu"].shape, idata.sample_stats["loss"].dims
         ((1, 50), ('step',))
     """
+    if model is None and guide is None and hasattr(result, "to_inference_data"):
+        if num_samples is not None:
+            kwargs["num_samples"] = num_samples
+        return result.to_inference_data(key=key, **kwargs)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     if not callable(guide):
         raise TypeError(f"guide must be callable, got {type(guide).__name__}")
-    num_samples = check_positive_int(num_samples, "num_samples")
+    num_samples = check_positive_int(1000 if num_samples is None else num_samples, "num_samples")
     key = as_prng_key(key, "key")
     params, losses = _split_result(result)
     for name, value in params.items():
