@@ -81,7 +81,9 @@ def _as_factor(a, i):
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         a = np.asarray(a)
     if a.ndim != 2:
-        raise ValueError(f"factors[{i}] must be a 2-D matrix [m_{i + 1}, n_{i + 1}], got shape {a.shape}")
+        raise ValueError(
+            f"factors[{i}] must be a 2-D matrix [m_{i + 1}, n_{i + 1}], got shape {a.shape}"
+        )
     if 0 in a.shape:
         raise ValueError(f"factors[{i}] must have non-zero sizes, got shape {a.shape}")
     return a
@@ -154,7 +156,7 @@ class KronOperator:
         return any(jnp.iscomplexobj(a) for a in self.factors)
 
     def __repr__(self) -> str:
-        dims = " ⊗ ".join(f"{m}×{n}" for m, n in zip(self.out_shape, self.in_shape))
+        dims = " ⊗ ".join(f"{m}×{n}" for m, n in zip(self.out_shape, self.in_shape, strict=True))
         return f"KronOperator({dims}{', complex' if self.is_complex else ''})"
 
     def _apply(self, v, mats, in_shape, out_len, what):
@@ -259,10 +261,14 @@ def kron_posterior(op: KronOperator, gammas, noise_var, y, form: str = "measurem
     batch = y.shape[:-1]
     gamma = kron_vector(gammas)
     if form == "measurement":
-        eig = [jnp.linalg.eigh((a * g) @ jnp.conj(a).T) for a, g in zip(factors, gammas)]
+        eig = [
+            jnp.linalg.eigh((a * g) @ jnp.conj(a).T) for a, g in zip(factors, gammas, strict=True)
+        ]
         lams = [jnp.clip(lam, 0.0, None) for lam, _ in eig]
         us = [u for _, u in eig]
-        bs = [jnp.conj(u).T @ a for u, a in zip(us, factors)]  # B_i = U_iᴴ A_i [m_i, n_i]
+        bs = [
+            jnp.conj(u).T @ a for u, a in zip(us, factors, strict=True)
+        ]  # B_i = U_iᴴ A_i [m_i, n_i]
         d = noise_var + kron_vector(lams).reshape(op.out_shape)
         z = _mode_products(y.reshape(batch + op.out_shape), [jnp.conj(u).T for u in us], num_modes)
         w = _mode_products(z / d, [jnp.conj(b).T for b in bs], num_modes)
@@ -275,15 +281,17 @@ def kron_posterior(op: KronOperator, gammas, noise_var, y, form: str = "measurem
         roots = [jnp.sqrt(g) for g in gammas]
         eig = [
             jnp.linalg.eigh(r[:, None] * (jnp.conj(a).T @ a) * r[None, :])
-            for a, r in zip(factors, roots)
+            for a, r in zip(factors, roots, strict=True)
         ]
         # G_i has rank ≤ m_i: its n_i − m_i smallest eigenvalues are exactly 0 (round-off
         # there, multiplied by the other modes' eigenvalues, would otherwise reach log|C|).
         ls = [
             jnp.where(jnp.arange(a.shape[1]) < a.shape[1] - a.shape[0], 0.0, jnp.clip(lam, 0.0))
-            for a, (lam, _) in zip(factors, eig)
+            for a, (lam, _) in zip(factors, eig, strict=True)
         ]
-        ps = [r[:, None] * q for r, (_, q) in zip(roots, eig)]  # P_i = Γ_i^½ Q_i [n_i, n_i]
+        ps = [
+            r[:, None] * q for r, (_, q) in zip(roots, eig, strict=True)
+        ]  # P_i = Γ_i^½ Q_i [n_i, n_i]
         f = (1.0 / (1.0 + kron_vector(ls) / noise_var)).reshape(op.in_shape)
         phy = op.rmatvec(y).reshape(batch + op.in_shape)
         inner = f * _mode_products(phy, [jnp.conj(p).T for p in ps], num_modes)
@@ -395,7 +403,10 @@ class kronecker_prior(Messenger):
                 )
             kwargs = {k: v for k, v in msg["kwargs"].items() if k == "constraint"}
             inits = _rank_one_init(init, self.shape)
-            factors = [numpyro.param(nm, jnp.asarray(v), **kwargs) for nm, v in zip(names, inits)]
+            factors = [
+                numpyro.param(nm, jnp.asarray(v), **kwargs)
+                for nm, v in zip(names, inits, strict=True)
+            ]
         else:
             if msg.get("is_observed"):
                 raise ValueError(f"kronecker_prior: site {self.site!r} is observed")
@@ -414,7 +425,7 @@ class kronecker_prior(Messenger):
             base = _iid_base(fn, self.site)
             factors = [
                 numpyro.sample(nm, base.expand([k]).to_event(1))
-                for nm, k in zip(names, self.shape)
+                for nm, k in zip(names, self.shape, strict=True)
             ]
         value = kron_vector(factors)
         msg["type"] = "deterministic"
@@ -462,7 +473,7 @@ class KronSBLMarginal(dist.Distribution):
             raise ValueError(
                 f"gammas must hold {self.op.num_modes} vectors (one per factor), got {len(gammas)}"
             )
-        for i, (g, n) in enumerate(zip(gammas, self.op.in_shape)):
+        for i, (g, n) in enumerate(zip(gammas, self.op.in_shape, strict=True)):
             if jnp.shape(g) != (n,):
                 raise ValueError(f"gammas[{i}] must have shape ({n},), got {jnp.shape(g)}")
         self.gammas = gammas
@@ -500,9 +511,9 @@ class KronSBLMarginal(dist.Distribution):
         """The SBL cost ``L = log|C| + yᴴ C⁻¹ y`` of ``y [..., M]`` (one value per row)."""
         y = jnp.asarray(y)
         flat = y.reshape((-1, y.shape[-1]))
-        costs = jax.vmap(
-            lambda row: kron_posterior(self.op, self.gammas, self.noise_var, row)[2]
-        )(flat)
+        costs = jax.vmap(lambda row: kron_posterior(self.op, self.gammas, self.noise_var, row)[2])(
+            flat
+        )
         return costs.reshape(y.shape[:-1])
 
     def log_prob(self, value):
