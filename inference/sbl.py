@@ -131,10 +131,8 @@ def coupling_matrix(n: int, beta: float, half_width: int = 1):
 
     Example::
 
-        >>> coupling_matrix(3, 0.5)
-        Array([[1. , 0.5, 0. ],
-               [0.5, 1. , 0.5],
-               [0. , 0.5, 1. ]], dtype=float32)
+        >>> coupling_matrix(3, 0.5).tolist()
+        [[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]]
     """
     idx = jnp.arange(n)
     dist_ = jnp.abs(idx[:, None] - idx[None, :])
@@ -1030,7 +1028,7 @@ def omp(op, y, noise_var, max_atoms: int = 100):
 
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
-        >>> fs = [rng.normal(size=(6, 8)), rng.normal(size=(6, 8))]
+        >>> fs = [rng.normal(size=(10, 8)), rng.normal(size=(10, 8))]
         >>> x = np.zeros(64); x[[3, 40]] = [1.0, 2.0]
         >>> np.flatnonzero(omp(fs, np.kron(*fs) @ x, 1e-8)).tolist()
         [3, 40]
@@ -1062,7 +1060,7 @@ def komp(op, y, noise_var, caps=5):
 
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
-        >>> fs = [rng.normal(size=(6, 8)), rng.normal(size=(6, 8))]
+        >>> fs = [rng.normal(size=(7, 8)), rng.normal(size=(7, 8))]
         >>> x = np.kron(np.eye(8)[1] + np.eye(8)[5], np.eye(8)[2])
         >>> np.flatnonzero(komp(fs, np.kron(*fs) @ x, 1e-8, caps=2)).tolist()
         [10, 42]

@@ -5,7 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["ppl.grad", "ppl.dsl", "ppl.marginal", "ppl.transforms.estimators", "ppl.inference.svi"]
+MODULES = [
+    "ppl.grad",
+    "ppl.dsl",
+    "ppl.marginal",
+    "ppl.transforms.estimators",
+    "ppl.transforms.kronecker",
+    "ppl.inference.svi",
+    "ppl.inference.sbl",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
