@@ -178,6 +178,32 @@ def _check_coupling(coupling, num_modes):
 # ------------------------------------------------------------------------------ E-step
 
 
+def _concrete(*values) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
+
+
+def _check_estep_inputs(op, gammas, noise_var, y):
+    """Shape and range checks on concrete inputs (skipped under ``jit``)."""
+    if len(gammas) != op.num_modes:
+        raise ValueError(f"gammas must hold {op.num_modes} vectors, got {len(gammas)}")
+    for i, (g, n) in enumerate(zip(gammas, op.in_shape, strict=True)):
+        if jnp.shape(g) != (n,):
+            raise ValueError(f"gammas[{i}] must have shape ({n},), got {jnp.shape(g)}")
+    if jnp.ndim(y) == 0 or jnp.shape(y)[-1] != op.shape[0]:
+        raise ValueError(
+            f"y must have shape [..., {op.shape[0]}] (Π m_i of {op.out_shape}), got {jnp.shape(y)}"
+        )
+    if not _concrete(gammas, noise_var, y):
+        return
+    for i, g in enumerate(gammas):
+        g = np.asarray(g)
+        if not np.all(np.isfinite(g)) or np.any(g < 0):
+            raise ValueError(f"gammas[{i}] must be finite and >= 0 (0 = pruned)")
+    _validate_scalar(noise_var, "noise_var", allow_none=False)
+    if not np.all(np.isfinite(np.asarray(y))):
+        raise ValueError("y contains NaN or inf values; clean the data first")
+
+
 @_x64
 def estep(op, gammas, noise_var, y, form: str = "measurement"):
     """The exact E-step of (Kronecker) SBL: ``(μ, diag Σ, L)``.
@@ -202,6 +228,7 @@ def estep(op, gammas, noise_var, y, form: str = "measurement"):
         ((5,), (5,), dtype('float64'))
     """
     op = op if isinstance(op, KronOperator) else KronOperator(op)
+    _check_estep_inputs(op, list(gammas), noise_var, y)
     return kron_posterior(op, list(gammas), noise_var, y, form=form)
 
 
@@ -437,6 +464,10 @@ def init(op, y, *, noise_var=None, gamma0: float = 1.0, shape=None) -> SBLState:
         ([(3,), (2,)], 0.1)
     """
     op = op if isinstance(op, KronOperator) else KronOperator(op)
+    if _concrete(y, noise_var, gamma0):
+        _validate_y(op, y)
+        _validate_scalar(noise_var, "noise_var")
+        _validate_scalar(gamma0, "gamma0", allow_none=False)
     y = jnp.asarray(y)
     shape = op.in_shape if shape is None else tuple(shape)
     rdtype = jnp.finfo(jnp.result_type(y, *op.factors)).dtype
@@ -700,8 +731,10 @@ def _validate_y(op, y, is_complex=None):
             f"y must have shape [M] or [T, M] with M = Π m_i = {m} (factor rows "
             f"{op.out_shape}), got {tuple(y.shape)}"
         )
-    if jnp.iscomplexobj(y) and not op.is_complex and is_complex is False:
-        raise TypeError("y is complex but is_complex=False; pass is_complex=True")
+    if jnp.iscomplexobj(y) and not op.is_complex and is_complex is not True:
+        raise TypeError(
+            "y is complex but the factors are real; pass is_complex=True if x is complex"
+        )
     if not np.all(np.isfinite(np.asarray(y))):
         raise ValueError("y contains NaN or inf values; clean the data first")
     return y
