@@ -34,6 +34,7 @@ from ppl.models.registry import (
 FAMILIES: tuple[str, ...] = (
     "vae",
     "eight_schools",
+    "krosbl",
 )
 
 ENTRY_POINT_GROUP = "ppl.models"
