@@ -279,3 +279,12 @@ def test_result_to_inference_data_round_trips_netcdf(tmp_path):
 
     back = az.from_netcdf(str(path))
     np.testing.assert_allclose(back.posterior["x_im"].values, idata.posterior["x_im"].values)
+
+
+def test_kronecker_prior_param_init_traces_under_jit():
+    def model():
+        numpyro.param("gamma", 2.0 * jnp.ones(6), constraint=constraints.positive)
+
+    kmodel = kronecker_prior(model, site="gamma", shape=(2, 3))
+    get = jax.jit(lambda: handlers.trace(handlers.seed(kmodel, 0)).get_trace()["gamma"]["value"])
+    np.testing.assert_allclose(get(), np.full(6, 2.0))

@@ -327,13 +327,13 @@ def _iid_base(fn, name):
 
 
 def _rank_one_init(init, shape):
-    """Per-mode initial values whose Kronecker product fits ``init`` (exact if constant)."""
-    init = np.asarray(init, dtype=np.float64)
+    """Per-mode initial values whose Kronecker product fits ``init`` (exact if constant);
+    traceable, so a model may build its initial value with ``jnp`` under ``jit``."""
+    init = jnp.asarray(init)
     if init.size == 1:
-        init = np.full(math.prod(shape), float(init))
-    t = init.reshape(shape)
-    out = [np.ones(n) for n in shape[:-1]]
-    out.append(t.reshape(-1, shape[-1]).mean(axis=0))
+        init = jnp.full(math.prod(shape), init.reshape(()))
+    out = [jnp.ones(n, init.dtype) for n in shape[:-1]]
+    out.append(init.reshape(-1, shape[-1]).mean(axis=0))
     return out
 
 
