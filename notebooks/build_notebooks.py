@@ -228,7 +228,6 @@ import time
 
 import arviz as az
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -311,10 +310,7 @@ methods = {
 }
 table = {name: [] for name in methods}
 for snr in snrs:
-    problems = [
-        krosbl.generate_synthetic(s, **SIZES, k=3, snr_db=snr)
-        for s in range(SEEDS)
-    ]
+    problems = [krosbl.generate_synthetic(s, **SIZES, k=3, snr_db=snr) for s in range(SEEDS)]
     for name, method in methods.items():
         table[name].append(np.median([krosbl.nmse(method(d), d["x"]) for d in problems]))
 fig, ax = plt.subplots(figsize=(6, 4))
@@ -421,13 +417,20 @@ def no_guide(y=None, **kwargs):
 svi = SVI(krosbl.krosbl_model, no_guide, optax.adam(0.1))
 steps = 200 if FAST else 2000
 out = svi.run(
-    jax.random.PRNGKey(0), steps, y=small["y"], factors=small["factors"],
-    noise_var=small["noise_var"], marginal=True, progress_bar=False,
+    jax.random.PRNGKey(0),
+    steps,
+    y=small["y"],
+    factors=small["factors"],
+    noise_var=small["noise_var"],
+    marginal=True,
+    progress_bar=False,
 )
 gammas = [out.params[f"gamma_{i + 1}"] for i in range(2)]
 _, _, l_svi = sbl.estep(small["factors"], gammas, small["noise_var"], small["y"])
-print(f"EM cost L = {em.cost:.4f} in {em.n_iter} iterations; SVI cost L = {float(l_svi):.4f} "
-      f"after {steps} Adam steps")
+print(
+    f"EM cost L = {em.cost:.4f} in {em.n_iter} iterations; SVI cost L = {float(l_svi):.4f} "
+    f"after {steps} Adam steps"
+)
 idata = to_inference_data(em)
 print(idata)
 az.plot_forest(idata, var_names=["gamma_1", "gamma_2"], combined=True, figsize=(6, 5));""",
