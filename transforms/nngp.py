@@ -1,0 +1,952 @@
+"""Infinite-width networks as Gaussian processes, and scale mixtures of them.
+
+An infinitely wide network of a given architecture is a Gaussian process whose covariance is
+the **NNGP kernel** K, computed layer by layer (Lee et al., ICLR 2022, after Neal 1996 and
+Lee et al. 2018). Putting a prior π on the variance σ² of the last layer's weights (the
+**readout scale**) makes the output a **scale mixture** of GPs; an inverse-gamma IG(a, b)
+prior gives a Student-t process with ν = 2a and scale (b/a)·K.
+
+This module holds three things:
+
+* a stax-like **network description** (:class:`Dense`, :class:`Conv`, :class:`Relu`,
+  :class:`Erf`, :class:`LeakyRelu`, :class:`Abs`, :class:`Activation`, :class:`Flatten`,
+  :class:`Identity`, :func:`serial`, :func:`parallel`, :class:`FanOut`, :class:`FanInSum`):
+  frozen dataclasses registered as pytrees, with the hyperparameters (``W_std``, ``b_std``,
+  ``alpha``) as leaves so that ``jax.grad`` reaches them;
+* :func:`kernel_fn`, the NNGP kernel of such a network (closed forms for ReLU, leaky ReLU,
+  abs and erf; 2-D Gauss–Hermite for any other activation);
+* the **program transformations** acting on the :func:`network` primitive of a NumPyro
+  model: :class:`infinite_width` (a finite network becomes its GP), :class:`scale_mixture`
+  (a prior on the readout scale) and :class:`marginalize_scale` (an inverse-gamma scale
+  integrated out in closed form: a multivariate Student-t observation).
+
+**Parameterisation** (NTK, the neural-tangents default). A dense layer maps h ∈ ℝ^{n_in} to
+(σ_w/√n_in)·W h + σ_b·b with W, b iid N(0, 1). With input dimension d and activation φ:
+
+* K⁰(x, x') = σ_w²·x·x'/d + σ_b²,
+* E^l(x, x') = E[φ(u)φ(v)], (u, v) ~ N(0, [[K^l(x,x), K^l(x,x')], [K^l(x,x'), K^l(x',x')]]),
+* K^{l+1} = σ_w²·E^l + σ_b².
+
+The last element of a network is its **readout** :class:`Dense`; its ``W_std`` is σ_v. A
+convolution with a :class:`Flatten` readout only needs same-position covariances
+K_p^{l+1} = σ_w²·mean_{q ∈ patch(p)} E_q^l + σ_b² (zero padding contributes 0), and the
+flattened readout averages them over positions.
+
+Example::
+
+    from ppl.transforms.nngp import Dense, Relu, kernel_fn, serial
+
+    net = serial(Dense(W_std=2**0.5, b_std=0.1**0.5), Relu(), Dense(W_std=1.0))
+    k = kernel_fn(net)
+    x = jnp.array([[1.0, 0.5, -0.3], [-0.2, 0.8, 0.4]])
+    k(x)                                   # [2, 2]; k(x)[0, 0] == 0.496667
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax import lax
+from jax.scipy.special import erf, gammaln
+from numpyro.distributions import constraints
+from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
+
+__all__ = [
+    "Abs",
+    "Activation",
+    "Conv",
+    "Dense",
+    "Erf",
+    "FanInSum",
+    "FanOut",
+    "Flatten",
+    "Identity",
+    "LeakyRelu",
+    "Relu",
+    "infinite_width",
+    "kernel_fn",
+    "marginalize_scale",
+    "network",
+    "parallel",
+    "scale_mixture",
+    "serial",
+    "unit_scale",
+]
+
+#: Message type of the :func:`network` primitive.
+NETWORK = "nngp_network"
+
+#: Jitter added to the GP covariance by :class:`infinite_width`: ``JITTER · mean(diag K)``.
+JITTER = 1e-10
+
+
+# ------------------------------------------------------------------------- the layers
+
+
+def _layer(data=(), meta=()):
+    """Freeze a dataclass and register it as a pytree with ``data`` leaves."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+
+    return wrap
+
+
+@_layer(data=("W_std", "b_std"), meta=("out",))
+class Dense:
+    """Fully connected layer h ↦ (W_std/√n_in)·W h + b_std·b, W, b iid N(0, 1).
+
+    :param out: output width; ``None`` for a hidden layer (any width: irrelevant in the
+        limit; :func:`network` uses its ``width``) or one output for a readout.
+    :param W_std: weight standard deviation σ_w (σ_v for the readout).
+    :param b_std: bias standard deviation σ_b.
+    """
+
+    out: int | None = None
+    W_std: Any = 1.0
+    b_std: Any = 0.0
+
+
+@_layer(data=("W_std", "b_std"), meta=("filter_shape", "strides", "padding", "out"))
+class Conv:
+    """2-D convolution over ``[n, H, W, C]`` inputs, NTK-parameterised like :class:`Dense`
+    (fan-in = filter size × input channels).
+
+    :param filter_shape: ``(fh, fw)``.
+    :param strides: ``(sh, sw)``.
+    :param padding: ``"SAME"`` (zero padding) or ``"VALID"``.
+    """
+
+    filter_shape: tuple = (3, 3)
+    strides: tuple = (1, 1)
+    padding: str = "SAME"
+    W_std: Any = 1.0
+    b_std: Any = 0.0
+    out: int | None = None
+
+
+@_layer()
+class Relu:
+    """φ(u) = max(u, 0) (closed-form arc-cosine kernel)."""
+
+
+@_layer()
+class Erf:
+    """φ(u) = erf(u) (closed form: E = (2/π)·arcsin(2k₁₂/√((1+2k₁)(1+2k₂))))."""
+
+
+@_layer(data=("alpha",))
+class LeakyRelu:
+    """φ(u) = max(u, α u) = (1−α)·relu(u) + α u; E = (1−α)²·E_relu + α k₁₂."""
+
+    alpha: Any = 0.01
+
+
+@_layer()
+class Abs:
+    """φ(u) = |u| = 2·relu(u) − u; E = 4·E_relu − k₁₂."""
+
+
+@_layer(meta=("fn", "num_nodes"))
+class Activation:
+    """Any elementwise activation ``fn``, integrated by 2-D Gauss–Hermite quadrature.
+
+    The error decays fast for smooth ``fn`` (≤ 2e-7 for tanh and GELU at 32 nodes per axis)
+    but only like 1/num_nodes for kinks: use :class:`Relu`, :class:`LeakyRelu`,
+    :class:`Abs` and :class:`Erf`, which are exact.
+
+    :param fn: a JAX-traceable elementwise function.
+    :param num_nodes: Gauss–Hermite nodes per axis.
+    """
+
+    fn: Callable
+    num_nodes: int = 32
+
+
+@_layer()
+class Flatten:
+    """``[n, H, W, C] → [n, H·W·C]``: the kernel averages the same-position covariances."""
+
+
+@_layer()
+class Identity:
+    """The identity (a skip branch of :func:`parallel`)."""
+
+
+@_layer(meta=("k",))
+class FanOut:
+    """Copy the input into ``k`` branches (followed by :func:`parallel`)."""
+
+    k: int = 2
+
+
+@_layer()
+class FanInSum:
+    """Sum the branches (independent in the limit, so their kernels add)."""
+
+
+@_layer(data=("layers",))
+class Serial:
+    """Layers applied in order (built by :func:`serial`)."""
+
+    layers: tuple
+
+
+@_layer(data=("branches",))
+class Parallel:
+    """One network per branch of a :class:`FanOut` (built by :func:`parallel`)."""
+
+    branches: tuple
+
+
+def serial(*layers) -> Serial:
+    """Compose layers in order: ``serial(Dense(), Relu(), Dense(W_std=1.0))``."""
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, _LAYERS):
+            raise TypeError(f"serial: layer {i} is {type(layer).__name__}, not a layer")
+    return Serial(tuple(layers))
+
+
+def parallel(*branches) -> Parallel:
+    """Apply ``branches[i]`` to branch i of a preceding :class:`FanOut`."""
+    for i, layer in enumerate(branches):
+        if not isinstance(layer, _LAYERS):
+            raise TypeError(f"parallel: branch {i} is {type(layer).__name__}, not a layer")
+    return Parallel(tuple(branches))
+
+
+_ACTIVATIONS = (Relu, Erf, LeakyRelu, Abs, Activation)
+_LAYERS = (Dense, Conv, Flatten, Identity, FanOut, FanInSum, Serial, Parallel, *_ACTIVATIONS)
+
+
+# ------------------------------------------------------------------- structure checks
+
+
+def _flat(net) -> tuple:
+    return net.layers if isinstance(net, Serial) else (net,)
+
+
+def _readout(net) -> Dense:
+    layers = _flat(net)
+    if not layers or not isinstance(layers[-1], Dense):
+        last = type(layers[-1]).__name__ if layers else "nothing"
+        raise ValueError(f"the network must end with a Dense readout layer, got {last}")
+    return layers[-1]
+
+
+def _check(layer, rank: int, where: str = "net"):
+    """Walk the network with the input's rank (0: ``[n, d]``, 2: ``[n, H, W, C]``); return
+    the output rank (a tuple of ranks after a :class:`FanOut`). Raises ``ValueError``."""
+    if isinstance(layer, Serial):
+        for i, sub in enumerate(layer.layers):
+            rank = _check(sub, rank, f"{where}[{i}]")
+        return rank
+    if isinstance(rank, tuple):
+        if isinstance(layer, Parallel):
+            if len(layer.branches) != len(rank):
+                raise ValueError(
+                    f"{where}: parallel has {len(layer.branches)} branches for "
+                    f"{len(rank)} inputs (FanOut({len(rank)}))"
+                )
+            pairs = zip(layer.branches, rank, strict=True)
+            return tuple(_check(b, r, f"{where}.{i}") for i, (b, r) in enumerate(pairs))
+        if isinstance(layer, FanInSum):
+            if len(set(rank)) != 1:
+                raise ValueError(f"{where}: FanInSum of branches with different ranks {rank}")
+            return rank[0]
+        raise ValueError(
+            f"{where}: {type(layer).__name__} after FanOut; expected parallel(...) or FanInSum()"
+        )
+    if isinstance(layer, (Parallel, FanInSum)):
+        raise ValueError(f"{where}: {type(layer).__name__} needs a preceding FanOut")
+    if isinstance(layer, FanOut):
+        if int(layer.k) < 1:
+            raise ValueError(f"{where}: FanOut(k) needs k ≥ 1, got {layer.k}")
+        return (rank,) * int(layer.k)
+    if isinstance(layer, Dense) and rank != 0:
+        raise ValueError(f"{where}: Dense on image features [n, H, W, C]; add Flatten() first")
+    if isinstance(layer, Conv):
+        if rank != 2:
+            raise ValueError(f"{where}: Conv needs image inputs [n, H, W, C], got [n, d]")
+        if layer.padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"{where}: Conv padding must be 'SAME' or 'VALID', got {layer.padding!r}"
+            )
+    if isinstance(layer, Flatten):
+        return 0
+    if isinstance(layer, Activation) and int(layer.num_nodes) < 1:
+        raise ValueError(f"{where}: Activation num_nodes must be ≥ 1, got {layer.num_nodes}")
+    return rank
+
+
+def _validate(net):
+    if not isinstance(net, _LAYERS):
+        raise TypeError(f"net must be a layer or serial(...) of layers, got {type(net).__name__}")
+    _readout(net)
+    if isinstance(_check(net, 0, "net") if not _needs_images(net) else _check(net, 2), tuple):
+        raise ValueError("the network ends with unmerged FanOut branches; add FanInSum()")
+
+
+def _needs_images(net) -> bool:
+    return any(isinstance(layer, (Conv, Flatten)) for layer in _iter_layers(net))
+
+
+def _iter_layers(net):
+    if isinstance(net, Serial):
+        for sub in net.layers:
+            yield from _iter_layers(sub)
+    elif isinstance(net, Parallel):
+        for sub in net.branches:
+            yield from _iter_layers(sub)
+    else:
+        yield net
+
+
+def unit_scale(net) -> Serial:
+    """The same network with a unit-scale readout (``W_std = 1``, ``b_std = 0``): the
+    readout variance then lives in the model (a ``scale`` site).
+
+    Example::
+
+        net = unit_scale(serial(Dense(W_std=1.4), Relu(), Dense(W_std=3.0, b_std=0.1)))
+        net.layers[-1]                          # Dense(out=None, W_std=1.0, b_std=0.0)
+    """
+    _validate(net)
+    layers = _flat(net)
+    return Serial((*layers[:-1], dataclasses.replace(layers[-1], W_std=1.0, b_std=0.0)))
+
+
+def _scaled_readout(net, scale):
+    """``net`` with the readout variance multiplied by ``scale``."""
+    if scale is None:
+        return net
+    layers = _flat(net)
+    out = layers[-1]
+    return Serial((*layers[:-1], dataclasses.replace(out, W_std=out.W_std * jnp.sqrt(scale))))
+
+
+# ------------------------------------------------------------------------- the kernel
+
+
+class _Cov(NamedTuple):
+    """Covariances at one layer: ``cov`` = K(x₁, x₂) ``[n1, n2, *spatial]`` and the variances
+    ``k1`` = K(x₁, x₁) ``[n1, 1, *spatial]``, ``k2`` = K(x₂, x₂) ``[1, n2, *spatial]``
+    (all three ``[n, *spatial]`` for a diagonal)."""
+
+    cov: jax.Array
+    k1: jax.Array
+    k2: jax.Array
+
+
+def _map(fn, *states):
+    return _Cov(*(fn(*parts) for parts in zip(*states, strict=True)))
+
+
+def _safe_sqrt(x):
+    """√x with a finite gradient at 0 (where the value is 0)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _relu_e(k1, k12, k2):
+    """E[relu(u) relu(v)] (arc-cosine kernel of degree 1)."""
+    norm = _safe_sqrt(k1 * k2)
+    c = jnp.clip(k12 / jnp.where(norm > 0, norm, 1.0), -1.0, 1.0)
+    s = _safe_sqrt(1.0 - c * c)
+    theta = jnp.arctan2(s, c)
+    return norm / (2 * math.pi) * (s + (math.pi - theta) * c)
+
+
+def _relu(st: _Cov) -> _Cov:
+    return _Cov(_relu_e(st.k1, st.cov, st.k2), st.k1 / 2, st.k2 / 2)
+
+
+def _erf_e(k1, k12, k2):
+    return (2 / math.pi) * jnp.arcsin(2 * k12 / jnp.sqrt((1 + 2 * k1) * (1 + 2 * k2)))
+
+
+def _gauss_hermite(num_nodes: int, dtype):
+    """Nodes and weights for ∫ g(t) e^{−t²/2}/√(2π) dt."""
+    t, w = np.polynomial.hermite_e.hermegauss(int(num_nodes))
+    return jnp.asarray(t, dtype), jnp.asarray(w / math.sqrt(2 * math.pi), dtype)
+
+
+def _gh_e(fn, num_nodes, k1, k12, k2):
+    """E[φ(u)φ(v)] by 2-D Gauss–Hermite: (u, v) = L(tᵢ, tⱼ), L the Cholesky factor."""
+    t, w = _gauss_hermite(num_nodes, k12.dtype)
+    l11 = _safe_sqrt(k1)
+    l21 = k12 / jnp.where(l11 > 0, l11, 1.0)
+    l22 = _safe_sqrt(k2 - l21 * l21)
+
+    def row(acc, tw):
+        ti, wi = tw
+        inner = jnp.tensordot(fn(l21[..., None] * ti + l22[..., None] * t), w, axes=1)
+        return acc + wi * fn(l11 * ti) * inner, None
+
+    out, _ = lax.scan(
+        row, jnp.zeros(jnp.broadcast_shapes(k1.shape, k12.shape, k2.shape), k12.dtype), (t, w)
+    )
+    return out
+
+
+def _gh_var(fn, num_nodes, k):
+    t, w = _gauss_hermite(num_nodes, k.dtype)
+    return jnp.tensordot(fn(_safe_sqrt(k)[..., None] * t) ** 2, w, axes=1)
+
+
+def _activation(layer, st: _Cov) -> _Cov:
+    if isinstance(layer, Relu):
+        return _relu(st)
+    if isinstance(layer, Erf):
+        return _Cov(
+            _erf_e(st.k1, st.cov, st.k2), _erf_e(st.k1, st.k1, st.k1), _erf_e(st.k2, st.k2, st.k2)
+        )
+    if isinstance(layer, LeakyRelu):
+        a = layer.alpha
+        r = _relu(st)
+        return _Cov(*((1 - a) ** 2 * e + a * k for e, k in zip(r, st, strict=True)))
+    if isinstance(layer, Abs):
+        r = _relu(st)
+        return _Cov(*(4 * e - k for e, k in zip(r, st, strict=True)))
+    fn, m = layer.fn, layer.num_nodes
+    return _Cov(_gh_e(fn, m, st.k1, st.cov, st.k2), _gh_var(fn, m, st.k1), _gh_var(fn, m, st.k2))
+
+
+def _patch_mean(a, layer: Conv):
+    """Mean over each filter patch of the last two (spatial) axes, zeros outside."""
+    fh, fw = layer.filter_shape
+    sh, sw = layer.strides
+    lead = (1,) * (a.ndim - 2)
+    total = lax.reduce_window(
+        a, jnp.zeros((), a.dtype), lax.add, (*lead, fh, fw), (*lead, sh, sw), layer.padding
+    )
+    return total / (fh * fw)
+
+
+def _propagate(layer, st):
+    if isinstance(layer, Serial):
+        for sub in layer.layers:
+            st = _propagate(sub, st)
+        return st
+    if isinstance(layer, Parallel):
+        return tuple(_propagate(b, s) for b, s in zip(layer.branches, st, strict=True))
+    if isinstance(layer, FanOut):
+        return (st,) * int(layer.k)
+    if isinstance(layer, FanInSum):
+        return _Cov(*(sum(parts) for parts in zip(*st, strict=True)))
+    if isinstance(layer, Identity):
+        return st
+    if isinstance(layer, Dense):
+        w2, b2 = jnp.square(layer.W_std), jnp.square(layer.b_std)
+        return _Cov(*(w2 * a + b2 for a in st))
+    if isinstance(layer, Conv):
+        w2, b2 = jnp.square(layer.W_std), jnp.square(layer.b_std)
+        return _Cov(*(w2 * _patch_mean(a, layer) + b2 for a in st))
+    if isinstance(layer, Flatten):
+        # Images carry two trailing spatial axes ([n1, n2, H, W] or [n, H, W]); features
+        # none ([n1, n2] or [n]), and Flatten leaves them alone.
+        return _Cov(*(jnp.mean(a, axis=(-2, -1)) if a.ndim > 2 else a for a in st))
+    return _activation(layer, st)
+
+
+def _input_cov(x1, x2, diag: bool) -> _Cov:
+    """E⁰ = x·x'/d (or per position x_p·x'_p/C for images): the input 'post-activation'
+    covariance, which the first linear layer turns into K⁰."""
+    if x1.ndim == 2:
+        d = x1.shape[-1]
+        v1 = jnp.sum(x1 * x1, -1) / d
+        if diag:
+            return _Cov(v1, v1, v1)
+        v2 = jnp.sum(x2 * x2, -1) / d
+        return _Cov(x1 @ x2.T / d, v1[:, None], v2[None, :])
+    c = x1.shape[-1]
+    v1 = jnp.sum(x1 * x1, -1) / c  # [n1, H, W]
+    if diag:
+        return _Cov(v1, v1, v1)
+    v2 = jnp.sum(x2 * x2, -1) / c
+    return _Cov(jnp.einsum("ihwc,jhwc->ijhw", x1, x2) / c, v1[:, None], v2[None, :])
+
+
+def _check_inputs(x, name: str, rank_needed: int | None):
+    if not hasattr(x, "shape") or getattr(x, "ndim", 0) not in (2, 4):
+        raise ValueError(
+            f"{name} must be [n, d] features or [n, H, W, C] images, got shape "
+            f"{getattr(x, 'shape', type(x).__name__)}"
+        )
+    if rank_needed == 2 and x.ndim != 4:
+        raise ValueError(
+            f"{name}: this network (Conv/Flatten) needs images [n, H, W, C], got {x.shape}"
+        )
+    if rank_needed == 0 and x.ndim != 2:
+        raise ValueError(f"{name}: this network (Dense) needs features [n, d], got {x.shape}")
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def kernel_fn(net) -> Callable:
+    """The NNGP kernel of ``net``: ``k(x1, x2=None, *, diag=False, batch_size=None)``.
+
+    :param net: a network of this module, ending with a :class:`Dense` readout (its
+        ``W_std`` is σ_v; use :func:`unit_scale` for a unit readout).
+    :return: ``k`` with ``x1`` ``[n1, d]`` (or ``[n1, H, W, C]``), ``x2`` ``[n2, ...]``
+        (default ``x1``); returns K(x1, x2) ``[n1, n2]``, or its diagonal K(x1, x1) ``[n1]``
+        if ``diag``. ``batch_size`` computes blocks of rows of ``x1`` in turn (``lax.map``),
+        so memory is ``batch_size·n2`` per layer (times H·W for images). Pure, dtype
+        preserving, and differentiable in the inputs and the layer hyperparameters.
+
+    Bad structure (no readout, Dense on images, Conv on features, unmerged branches) raises
+    ``ValueError`` when ``kernel_fn`` is called; shape mismatches and NaN inputs when ``k`` is.
+
+    Example::
+
+        net = serial(Dense(W_std=1.5, b_std=0.3), Erf(), Dense(W_std=1.0))
+        k = kernel_fn(net)
+        x = jax.random.normal(jax.random.key(0), (5, 3))
+        K = k(x)                               # [5, 5]
+        jnp.allclose(k(x, diag=True), jnp.diag(K))
+    """
+    _validate(net)
+    rank = 2 if _needs_images(net) else 0
+
+    def k(x1, x2=None, *, diag: bool = False, batch_size: int | None = None):
+        x1 = jnp.asarray(x1)
+        if not jnp.issubdtype(x1.dtype, jnp.floating):
+            x1 = x1.astype(jnp.result_type(float))
+        _check_inputs(x1, "x1", rank)
+        if x2 is not None:
+            if diag:
+                raise ValueError("diag=True computes K(x1, x1): pass x2=None")
+            x2 = jnp.asarray(x2, x1.dtype)
+            _check_inputs(x2, "x2", rank)
+            if x2.shape[1:] != x1.shape[1:]:
+                raise ValueError(
+                    f"x1 and x2 must have the same feature shape, got {x1.shape[1:]} and "
+                    f"{x2.shape[1:]}"
+                )
+        other = x1 if x2 is None else x2
+        if batch_size is None or batch_size >= x1.shape[0]:
+            return _kernel(net, x1, other, diag)
+        return _by_blocks(lambda rows: _kernel(net, rows, other, diag), x1, batch_size)
+
+    return k
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _kernel(net, x1, x2, diag: bool):
+    """K(x1, x2) ``[n1, n2]`` (or the diagonal ``[n1]``), compiled once per structure."""
+    return _propagate(net, _input_cov(x1, x2, diag)).cov.astype(x1.dtype)
+
+
+def _by_blocks(fn, x, batch_size: int):
+    """``fn`` over row blocks of ``x`` (padded to a multiple of ``batch_size``), stacked."""
+    b = int(batch_size)
+    if b < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    n = x.shape[0]
+    pad = (-n) % b
+    xp = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))]) if pad else x
+    out = lax.map(fn, xp.reshape(-1, b, *x.shape[1:]))
+    return out.reshape(-1, *out.shape[2:])[:n]
+
+
+# ------------------------------------------------------------ finite-width networks
+
+
+def _finite(layer, h, name: str, width: int, path: str):
+    """Forward pass of a finite network, weights drawn as N(0, 1) sample sites."""
+    if isinstance(layer, Serial):
+        for i, sub in enumerate(layer.layers):
+            h = _finite(sub, h, name, width, f"{path}{i}.")
+        return h
+    if isinstance(layer, Parallel):
+        return tuple(
+            _finite(b, hb, name, width, f"{path}{i}.")
+            for i, (b, hb) in enumerate(zip(layer.branches, h, strict=True))
+        )
+    if isinstance(layer, FanOut):
+        return (h,) * int(layer.k)
+    if isinstance(layer, FanInSum):
+        return sum(h)
+    if isinstance(layer, Identity):
+        return h
+    if isinstance(layer, Flatten):
+        return h.reshape(h.shape[0], -1)
+    if isinstance(layer, Dense):
+        out = width if layer.out is None else int(layer.out)
+        n_in = h.shape[-1]
+        w = numpyro.sample(f"{name}.{path}W", dist.Normal(0.0, 1.0).expand([n_in, out]).to_event(2))
+        b = numpyro.sample(f"{name}.{path}b", dist.Normal(0.0, 1.0).expand([out]).to_event(1))
+        return layer.W_std / math.sqrt(n_in) * h @ w + layer.b_std * b
+    if isinstance(layer, Conv):
+        out = width if layer.out is None else int(layer.out)
+        fh, fw = layer.filter_shape
+        c_in = h.shape[-1]
+        w = numpyro.sample(
+            f"{name}.{path}W", dist.Normal(0.0, 1.0).expand([fh, fw, c_in, out]).to_event(4)
+        )
+        b = numpyro.sample(f"{name}.{path}b", dist.Normal(0.0, 1.0).expand([out]).to_event(1))
+        y = lax.conv_general_dilated(
+            h, w, tuple(layer.strides), layer.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return layer.W_std / math.sqrt(fh * fw * c_in) * y + layer.b_std * b
+    if isinstance(layer, Relu):
+        return jax.nn.relu(h)
+    if isinstance(layer, Erf):
+        return erf(h)
+    if isinstance(layer, LeakyRelu):
+        return jnp.where(h > 0, h, layer.alpha * h)
+    if isinstance(layer, Abs):
+        return jnp.abs(h)
+    return layer.fn(h)
+
+
+def _outputs(net) -> int | None:
+    out = _readout(net).out
+    return None if out is None or int(out) == 1 else int(out)
+
+
+def _finite_network(name, net, x, *, scale=None, width=512):
+    """Default behaviour of :func:`network`: a finite network of hidden width ``width``."""
+    net = _scaled_readout(net, scale)
+    layers = _flat(net)
+    readout = dataclasses.replace(layers[-1], out=_outputs(net) or 1)
+    f = _finite(Serial((*layers[:-1], readout)), jnp.asarray(x), name, int(width), "")
+    return f[..., 0] if _outputs(net) is None else f
+
+
+def _gp_network(name, net, x, *, scale=None, width=None):
+    """:class:`infinite_width`'s rewrite: ``name ~ MVN(0, K(x, x) + jitter)``, with the
+    readout variance multiplied by ``scale``."""
+    K = kernel_fn(_scaled_readout(net, scale))(x)
+    K = K + JITTER * jnp.mean(jnp.diag(K)) * jnp.eye(K.shape[0], dtype=K.dtype)
+    k = _outputs(net)
+    fn = dist.MultivariateNormal(jnp.zeros(K.shape[0], K.dtype), covariance_matrix=K)
+    if k is None:
+        return numpyro.sample(name, fn)
+    return numpyro.sample(name, fn.expand([k])).T
+
+
+def network(name: str, net, x, *, scale=None, width: int = 512):
+    """The network primitive: the output ``f`` of ``net`` at inputs ``x``.
+
+    By default a finite network of hidden width ``width`` whose weights are N(0, 1) sample
+    sites ``f"{name}.<layer path>W"`` / ``...b`` (NTK parameterisation), with the readout
+    variance multiplied by ``scale``. Handlers rewrite it: :class:`infinite_width` (its GP
+    limit, one sample site ``name``), :class:`scale_mixture` (a prior on ``scale``).
+
+    :param name: site name of the output (under :class:`infinite_width`) and weight prefix.
+    :param net: a network of this module with a :class:`Dense` readout.
+    :param x: inputs ``[n, d]`` or ``[n, H, W, C]``.
+    :param scale: readout variance multiplier (a scalar, e.g. a ``scale`` site), or ``None``.
+    :param width: hidden width of the finite network.
+    :return: f ``[n]`` (readout ``out`` None or 1) or ``[n, k]``.
+
+    Example::
+
+        def model(x):
+            f = network("f", serial(Dense(W_std=1.4), Relu(), Dense()), x)
+            numpyro.sample("y", dist.Normal(f, 0.1))
+
+        trace(seed(infinite_width(model), 0)).get_trace(x)["f"]    # a GP sample site
+    """
+    _validate(net)
+    if width is None or int(width) < 1:
+        raise ValueError(f"width must be a positive integer, got {width}")
+    msg = {
+        "type": NETWORK,
+        "fn": _finite_network,
+        "args": (name, net, x),
+        "kwargs": {"scale": scale, "width": int(width)},
+        "value": None,
+    }
+    if not _PYRO_STACK:
+        return _finite_network(name, net, x, scale=scale, width=width)
+    return apply_stack(msg)["value"]
+
+
+class infinite_width(Messenger):
+    """Replace every :func:`network` call by its infinite-width limit: one sample site
+    ``name ~ MultivariateNormal(0, scale·K(x, x) + jitter)`` (``K`` from :func:`kernel_fn`,
+    jitter ``1e-10·mean(diag K)``; independent columns for ``k`` outputs, returned ``[n, k]``).
+    With ``width=int`` the finite network is kept, at that width.
+
+    Example::
+
+        def model(x):
+            numpyro.sample("y", dist.Normal(network("f", net, x), 0.1), obs=y)
+
+        gp_model = infinite_width(model)          # sites: f [n], y [n]
+        wide = infinite_width(model, width=4096)  # the finite net, 4096 units per layer
+    """
+
+    def __init__(self, fn=None, width: int | None = None):
+        if width is not None and int(width) < 1:
+            raise ValueError(f"width must be None or a positive integer, got {width}")
+        self.width = width
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != NETWORK:
+            return
+        if self.width is None:
+            msg["fn"] = _gp_network
+        else:
+            msg["kwargs"]["width"] = int(self.width)
+
+
+class scale_mixture(Messenger):
+    """Put a prior on the readout variance: at the first :func:`network` call without an
+    explicit ``scale`` (per model run) sample ``site ~ prior`` and use it as that call's scale.
+
+    :param prior: a NumPyro distribution on (0, ∞), e.g. ``InverseGamma(2, 2)`` (a
+        Student-t process under :class:`infinite_width`), ``BurrXII``, ``Delta(1.)``.
+    :param site: the name of the new sample site.
+
+    Example::
+
+        tp_model = infinite_width(scale_mixture(model, dist.InverseGamma(2.0, 2.0)))
+    """
+
+    def __init__(self, fn=None, prior=None, site: str = "scale"):
+        if not isinstance(prior, dist.Distribution):
+            raise TypeError(f"prior must be a numpyro Distribution, got {type(prior).__name__}")
+        support = prior.support
+        if (
+            support not in (constraints.positive, constraints.softplus_positive)
+            and not (
+                isinstance(support, constraints._GreaterThan) and float(support.lower_bound) >= 0
+            )
+            and not isinstance(prior, dist.Delta)
+        ):
+            raise ValueError(f"prior must live on (0, ∞) (a variance), got support {support}")
+        self.prior = prior
+        self.site = site
+        self._value = None
+        super().__init__(fn)
+
+    def __enter__(self):
+        self._value = None
+        return super().__enter__()
+
+    def process_message(self, msg):
+        if msg["type"] != NETWORK or msg["kwargs"].get("scale") is not None:
+            return
+        if self._value is None:
+            self._value = numpyro.sample(self.site, self.prior)
+        msg["kwargs"]["scale"] = self._value
+
+
+# ------------------------------------------------------------- marginalising the scale
+
+
+class SharedScaleStudentT(dist.Distribution):
+    """k independent-looking Gaussian outputs N(loc, σ²C) sharing one σ² ~ IG(df/2, ·):
+    jointly a multivariate t over ``[k, n]`` with n → n·k and β summed over outputs.
+
+    :param df: degrees of freedom ν = 2a.
+    :param loc: ``[k, n]`` or ``[n]``.
+    :param scale_tril: Cholesky factor of the (b/a)·C scale ``[n, n]``.
+    """
+
+    arg_constraints = {"df": constraints.positive, "loc": constraints.real_vector}
+    support = constraints.independent(constraints.real, 2)
+
+    def __init__(self, df, loc, scale_tril, num_outputs: int, *, validate_args=None):
+        n = scale_tril.shape[-1]
+        self.df, self.scale_tril = df, scale_tril
+        self.loc = jnp.broadcast_to(loc, (num_outputs, n))
+        super().__init__(batch_shape=(), event_shape=(num_outputs, n), validate_args=validate_args)
+
+    def log_prob(self, value):
+        k, n = self.event_shape
+        z = jax.scipy.linalg.solve_triangular(self.scale_tril, (value - self.loc).T, lower=True)
+        beta = jnp.sum(z * z, axis=(-2, -1)) if z.ndim == 2 else jnp.sum(z * z)
+        kn = k * n
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(self.scale_tril)))
+        return (
+            gammaln((self.df + kn) / 2)
+            - gammaln(self.df / 2)
+            - kn / 2 * jnp.log(self.df * math.pi)
+            - k * half_logdet
+            - (self.df + kn) / 2 * jnp.log1p(beta / self.df)
+        )
+
+    def sample(self, key, sample_shape=()):
+        k1, k2 = jax.random.split(key)
+        k, n = self.event_shape
+        g = jax.random.gamma(k1, self.df / 2, sample_shape) / (self.df / 2)
+        z = jax.random.normal(k2, (*sample_shape, k, n), self.loc.dtype) @ self.scale_tril.T
+        return self.loc + z / jnp.sqrt(g)[..., None, None]
+
+
+def _gaussian_cov(fn):
+    """Covariance ``[n, n]`` (times a batch) and location of a Gaussian site, else None."""
+    base = fn
+    while isinstance(base, (dist.ExpandedDistribution, dist.Independent)):
+        base = base.base_dist
+    if isinstance(base, dist.MultivariateNormal):
+        cov = jnp.broadcast_to(
+            base.covariance_matrix, (*fn.batch_shape, *base.covariance_matrix.shape[-2:])
+        )
+        return jnp.broadcast_to(base.loc, (*fn.batch_shape, *fn.event_shape)), cov
+    if isinstance(base, dist.Normal):
+        shape = fn.batch_shape + fn.event_shape
+        if len(shape) == 0:
+            return None
+        var = jnp.broadcast_to(jnp.square(base.scale), shape)
+        loc = jnp.broadcast_to(base.loc, shape)
+        return loc, var[..., :, None] * jnp.eye(shape[-1], dtype=var.dtype)
+    return None
+
+
+def _unwrap(fn):
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+class _ScaleProbe(Messenger):
+    """One pass of :class:`marginalize_scale`: fixes ``site`` to ``scale_value`` and the
+    latent Gaussians after it to a probe value, and reads the observation's covariance."""
+
+    def __init__(self, fn, site, scale_value, replace):
+        self.site, self.scale_value, self.replace = site, scale_value, replace
+        super().__init__(fn)
+
+    def __enter__(self):
+        self.prior = None
+        self.latent = {}  # name -> (probe value, covariance)
+        self.observed = None  # (name, covariance)
+        return super().__enter__()
+
+    def _reject(self, why):
+        raise ValueError(f"marginalize_scale: cannot marginalise site {self.site!r}: {why}")
+
+    def process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        name = msg["name"]
+        if name == self.site:
+            prior = _unwrap(msg["fn"])
+            if not isinstance(prior, dist.InverseGamma):
+                self._reject(f"its prior is {type(prior).__name__}, not InverseGamma(a, b)")
+            if msg["is_observed"]:
+                self._reject("it is observed")
+            self.prior = prior
+            msg["value"] = jnp.asarray(self.scale_value, jnp.result_type(float))
+            msg["type"] = "deterministic"
+            return
+        if self.prior is None:
+            return  # sites before the scale (hyperparameters) are left alone
+        gauss = _gaussian_cov(msg["fn"])
+        if not msg["is_observed"]:
+            if gauss is None or self.latent:
+                self._reject(f"latent site {name!r} after it is not a single Gaussian")
+            loc, cov = gauss
+            probe = loc + 1.0 + jnp.arange(loc.shape[-1], dtype=loc.dtype) / loc.shape[-1]
+            self.latent[name] = (loc, probe, cov)
+            msg["value"] = probe
+            msg["type"] = "deterministic"
+            return
+        if msg.get("cond_indep_stack"):
+            self._reject(f"the observation {name!r} is inside a plate; give it .to_event(1)")
+        if gauss is None:
+            self._reject(
+                f"the observation {name!r} is {type(_unwrap(msg['fn'])).__name__}, not Gaussian"
+            )
+        if self.observed is not None:
+            self._reject(f"more than one observation after it ({self.observed[0]!r}, {name!r})")
+        loc, cov = gauss
+        if self.latent:
+            (f_loc, probe, f_cov) = next(iter(self.latent.values()))
+            if _concrete(loc) and not np.allclose(np.asarray(loc), np.asarray(probe)):
+                self._reject(f"the mean of {name!r} is not the latent Gaussian itself")
+            cov, loc = cov + f_cov, jnp.broadcast_to(f_loc, loc.shape)
+        self.observed = (name, cov)
+        if not self.replace:
+            return
+        a, b = self.prior.concentration, self.prior.rate
+        tril = jnp.linalg.cholesky((b / a) * cov)
+        value = msg["value"]
+        if value.ndim == 1:
+            msg["fn"] = dist.MultivariateStudentT(2 * a, loc, tril)
+        else:
+            if not _concrete(cov) or not np.allclose(np.asarray(cov), np.asarray(cov[0])):
+                if _concrete(cov):
+                    self._reject(f"the outputs of {name!r} do not share one covariance")
+            msg["fn"] = SharedScaleStudentT(2 * a, loc, tril[0], value.shape[0])
+
+
+class marginalize_scale:
+    """Integrate an inverse-gamma readout scale out in closed form.
+
+    If ``site ~ InverseGamma(a, b)`` and, given it, the observation y is Gaussian with
+    covariance ``scale·C`` (``y ~ MVN(loc, scale·C)``, or a latent ``f ~ MVN(0, scale·K)``
+    with ``y ~ Normal(f, √scale·τ)``), then marginally y is multivariate Student-t with
+    ``df = 2a`` and scale matrix ``(b/a)·C`` (spec §1.3). The transformed model has one
+    observed ``MultivariateStudentT(df=2a, loc, scale_tril=chol((b/a)·C))`` site (same name
+    as the observation; :class:`SharedScaleStudentT` for ``[k, n]`` outputs) and keeps
+    ``site`` and ``f`` only as deterministic entries (value 1 and a probe value), so
+    ``log_density`` gives log p(y) exactly. Sites before ``site`` are left alone.
+
+    The proportionality to the scale is checked on concrete values by two extra blocked
+    runs (scale 1 and 2); otherwise (other prior, non-Gaussian observation, noise not on
+    the scale) it raises ``ValueError`` naming the site and the reason.
+
+    Example::
+
+        from ppl.models.nngp import regression
+
+        tp = marginalize_scale(regression, site="scale")
+        log_py, _ = numpyro.infer.util.log_density(tp, (x, y), {"net": net}, {})
+    """
+
+    def __init__(self, fn, site: str = "scale"):
+        if not callable(fn):
+            raise TypeError(f"marginalize_scale needs a model function, got {type(fn).__name__}")
+        self.fn, self.site = fn, site
+
+    def _covariance(self, scale_value, args, kwargs):
+        """A blocked, seeded run with ``site`` fixed to ``scale_value``."""
+        probe = _ScaleProbe(None, self.site, scale_value, False)
+        with numpyro.handlers.block(), probe:
+            numpyro.handlers.seed(self.fn, 0)(*args, **kwargs)
+        return probe
+
+    def __call__(self, *args, **kwargs):
+        one = self._covariance(1.0, args, kwargs)
+        if one.prior is None:
+            raise ValueError(f"marginalize_scale: the model has no sample site {self.site!r}")
+        if one.observed is None:
+            raise ValueError(
+                f"marginalize_scale: cannot marginalise site {self.site!r}: no observed "
+                "Gaussian site after it (pass the data as y=...)"
+            )
+        c1 = one.observed[1]
+        if _concrete(c1):
+            c2 = self._covariance(2.0, args, kwargs).observed[1]
+            if _concrete(c2):
+                c1n, c2n = np.asarray(c1), np.asarray(c2)
+                tol = 1e-6 * np.max(np.abs(c1n))
+                if not np.allclose(c2n, 2 * c1n, rtol=1e-6, atol=tol):
+                    raise ValueError(
+                        f"marginalize_scale: cannot marginalise site {self.site!r}: the "
+                        f"covariance of {one.observed[0]!r} is not proportional to it (noise "
+                        "not on the same scale? use the general path, ppl.inference.nngp.fit)"
+                    )
+        with _ScaleProbe(None, self.site, 1.0, True):
+            return self.fn(*args, **kwargs)
