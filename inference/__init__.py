@@ -15,7 +15,7 @@ _EXPORTS = {
 }
 
 #: Algorithm modules reachable as attributes (``ppl.inference.sbl``).
-_SUBMODULES = ("sbl",)
+_SUBMODULES = ("nngp", "sbl")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
