@@ -35,6 +35,7 @@ FAMILIES: tuple[str, ...] = (
     "vae",
     "eight_schools",
     "krosbl",
+    "nngp",
 )
 
 ENTRY_POINT_GROUP = "ppl.models"
