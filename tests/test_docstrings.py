@@ -11,8 +11,12 @@ MODULES = [
     "ppl.marginal",
     "ppl.transforms.estimators",
     "ppl.transforms.kronecker",
+    "ppl.transforms.nngp",
     "ppl.inference.svi",
     "ppl.inference.sbl",
+    "ppl.inference.nngp",
+    "ppl.models.nngp",
+    "ppl.distributions",
 ]
 
 

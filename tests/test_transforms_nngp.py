@@ -108,6 +108,7 @@ def _mc_cov(model_fn, x, draws, key):
     return prod.mean(0), prod.std(0) / np.sqrt(draws)
 
 
+@pytest.mark.slow  # tests/test_spec_nngp.py checks T1-MC in the default suite
 def test_finite_mlp_network_matches_its_kernel():
     net = mlp(Relu(), 2, 2.0, readout=1.2)
     x = jnp.asarray(X)

@@ -32,14 +32,17 @@ convolution with a :class:`Flatten` readout only needs same-position covariances
 K_p^{l+1} = σ_w²·mean_{q ∈ patch(p)} E_q^l + σ_b² (zero padding contributes 0), and the
 flattened readout averages them over positions.
 
-Example::
+Example (spec T1, ReLU depth 1, σ_w² = 2, σ_b² = 0.1, unit readout):
 
-    from ppl.transforms.nngp import Dense, Relu, kernel_fn, serial
-
-    net = serial(Dense(W_std=2**0.5, b_std=0.1**0.5), Relu(), Dense(W_std=1.0))
-    k = kernel_fn(net)
-    x = jnp.array([[1.0, 0.5, -0.3], [-0.2, 0.8, 0.4]])
-    k(x)                                   # [2, 2]; k(x)[0, 0] == 0.496667
+>>> import jax.numpy as jnp
+>>> import numpy as np
+>>> from ppl.transforms.nngp import Dense, Relu, kernel_fn, serial
+>>> net = serial(Dense(W_std=2**0.5, b_std=0.1**0.5), Relu(), Dense(W_std=1.0))
+>>> k = kernel_fn(net)
+>>> x = jnp.array([[1.0, 0.5, -0.3], [-0.2, 0.8, 0.4]])
+>>> print(np.round(np.asarray(k(x), dtype=float), 4))
+[[0.4967 0.1695]
+ [0.1695 0.33  ]]
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ __all__ = [
 #: Message type of the :func:`network` primitive.
 NETWORK = "nngp_network"
 
-#: Jitter added to the GP covariance by :class:`infinite_width`: ``JITTER · mean(diag K)``.
-JITTER = 1e-10
+#: Relative jitter added to the GP covariance by :class:`infinite_width`:
+#: ``jitter(dtype) · mean(diag K)``, 1e-10 in float64 and 1e-6 in float32 (whose Cholesky
+#: fails on nearly coincident inputs below that).
+JITTER = {"float64": 1e-10, "float32": 1e-6}
 
 
 # ------------------------------------------------------------------------- the layers
@@ -316,10 +321,11 @@ def unit_scale(net) -> Serial:
     """The same network with a unit-scale readout (``W_std = 1``, ``b_std = 0``): the
     readout variance then lives in the model (a ``scale`` site).
 
-    Example::
+    Example:
 
-        net = unit_scale(serial(Dense(W_std=1.4), Relu(), Dense(W_std=3.0, b_std=0.1)))
-        net.layers[-1]                          # Dense(out=None, W_std=1.0, b_std=0.0)
+    >>> net = unit_scale(serial(Dense(W_std=1.4), Relu(), Dense(W_std=3.0, b_std=0.1)))
+    >>> net.layers[-1]
+    Dense(out=None, W_std=1.0, b_std=0.0)
     """
     _validate(net)
     layers = _flat(net)
@@ -507,13 +513,16 @@ def kernel_fn(net) -> Callable:
     Bad structure (no readout, Dense on images, Conv on features, unmerged branches) raises
     ``ValueError`` when ``kernel_fn`` is called; shape mismatches and NaN inputs when ``k`` is.
 
-    Example::
+    Example:
 
-        net = serial(Dense(W_std=1.5, b_std=0.3), Erf(), Dense(W_std=1.0))
-        k = kernel_fn(net)
-        x = jax.random.normal(jax.random.key(0), (5, 3))
-        K = k(x)                               # [5, 5]
-        jnp.allclose(k(x, diag=True), jnp.diag(K))
+    >>> net = serial(Dense(W_std=1.5, b_std=0.3), Erf(), Dense(W_std=1.0))
+    >>> k = kernel_fn(net)
+    >>> x = jax.random.normal(jax.random.key(0), (5, 3))
+    >>> K = k(x)
+    >>> K.shape, bool(jnp.allclose(k(x, diag=True), jnp.diag(K)))
+    ((5, 5), True)
+    >>> k(x, x[:2], batch_size=2).shape
+    (5, 2)
     """
     _validate(net)
     rank = 2 if _needs_images(net) else 0
@@ -628,7 +637,8 @@ def _gp_network(name, net, x, *, scale=None, width=None):
     """:class:`infinite_width`'s rewrite: ``name ~ MVN(0, K(x, x) + jitter)``, with the
     readout variance multiplied by ``scale``."""
     K = kernel_fn(_scaled_readout(net, scale))(x)
-    K = K + JITTER * jnp.mean(jnp.diag(K)) * jnp.eye(K.shape[0], dtype=K.dtype)
+    jitter = JITTER.get(jnp.dtype(K.dtype).name, 1e-6) * jnp.mean(jnp.diag(K))
+    K = K + jitter * jnp.eye(K.shape[0], dtype=K.dtype)
     k = _outputs(net)
     fn = dist.MultivariateNormal(jnp.zeros(K.shape[0], K.dtype), covariance_matrix=K)
     if k is None:
@@ -651,13 +661,18 @@ def network(name: str, net, x, *, scale=None, width: int = 512):
     :param width: hidden width of the finite network.
     :return: f ``[n]`` (readout ``out`` None or 1) or ``[n, k]``.
 
-    Example::
+    Example:
 
-        def model(x):
-            f = network("f", serial(Dense(W_std=1.4), Relu(), Dense()), x)
-            numpyro.sample("y", dist.Normal(f, 0.1))
-
-        trace(seed(infinite_width(model), 0)).get_trace(x)["f"]    # a GP sample site
+    >>> from numpyro.handlers import seed, trace
+    >>> net = serial(Dense(W_std=1.4), Relu(), Dense())
+    >>> def model(x):
+    ...     f = network("f", net, x, width=8)
+    ...     numpyro.sample("y", dist.Normal(f, 0.1).to_event(1))
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> list(trace(seed(model, 0)).get_trace(x))      # a finite network: its weights
+    ['f.0.W', 'f.0.b', 'f.2.W', 'f.2.b', 'y']
+    >>> list(trace(seed(infinite_width(model), 0)).get_trace(x))   # its GP limit
+    ['f', 'y']
     """
     _validate(net)
     if width is None or int(width) < 1:
@@ -677,16 +692,19 @@ def network(name: str, net, x, *, scale=None, width: int = 512):
 class infinite_width(Messenger):
     """Replace every :func:`network` call by its infinite-width limit: one sample site
     ``name ~ MultivariateNormal(0, scale·K(x, x) + jitter)`` (``K`` from :func:`kernel_fn`,
-    jitter ``1e-10·mean(diag K)``; independent columns for ``k`` outputs, returned ``[n, k]``).
+    jitter ``JITTER·mean(diag K)``; independent columns for ``k`` outputs, returned ``[n, k]``).
     With ``width=int`` the finite network is kept, at that width.
 
-    Example::
+    Example:
 
-        def model(x):
-            numpyro.sample("y", dist.Normal(network("f", net, x), 0.1), obs=y)
-
-        gp_model = infinite_width(model)          # sites: f [n], y [n]
-        wide = infinite_width(model, width=4096)  # the finite net, 4096 units per layer
+    >>> from numpyro.handlers import seed, trace
+    >>> net = serial(Dense(W_std=1.4), Relu(), Dense())
+    >>> def model(x):
+    ...     numpyro.sample("y", dist.Normal(network("f", net, x), 0.1).to_event(1))
+    >>> tr = trace(seed(infinite_width(model), 0)).get_trace(jnp.arange(8.0).reshape(4, 2))
+    >>> type(tr["f"]["fn"]).__name__, tr["f"]["value"].shape
+    ('MultivariateNormal', (4,))
+    >>> wide = infinite_width(model, width=4096)  # the finite net, 4096 units per layer
     """
 
     def __init__(self, fn=None, width: int | None = None):
@@ -712,9 +730,15 @@ class scale_mixture(Messenger):
         Student-t process under :class:`infinite_width`), ``BurrXII``, ``Delta(1.)``.
     :param site: the name of the new sample site.
 
-    Example::
+    Example:
 
-        tp_model = infinite_width(scale_mixture(model, dist.InverseGamma(2.0, 2.0)))
+    >>> from numpyro.handlers import seed, trace
+    >>> net = serial(Dense(W_std=1.4), Relu(), Dense())
+    >>> def model(x):
+    ...     numpyro.sample("y", dist.Normal(network("f", net, x), 0.1).to_event(1))
+    >>> tp_model = infinite_width(scale_mixture(model, dist.InverseGamma(2.0, 2.0)))
+    >>> list(trace(seed(tp_model, 0)).get_trace(jnp.arange(8.0).reshape(4, 2)))
+    ['scale', 'f', 'y']
     """
 
     def __init__(self, fn=None, prior=None, site: str = "scale"):
@@ -907,12 +931,20 @@ class marginalize_scale:
     runs (scale 1 and 2); otherwise (other prior, non-Gaussian observation, noise not on
     the scale) it raises ``ValueError`` naming the site and the reason.
 
-    Example::
+    Example (spec T3: log p(y) = −16.9095675 under IG(2, 2)):
 
-        from ppl.models.nngp import regression
-
-        tp = marginalize_scale(regression, site="scale")
-        log_py, _ = numpyro.infer.util.log_density(tp, (x, y), {"net": net}, {})
+    >>> import numpy as np
+    >>> from numpyro.infer.util import log_density
+    >>> from ppl.models.nngp import regression
+    >>> x = np.linspace(-2, 2, 8)[:, None]
+    >>> y = np.sin(2 * x[:, 0]) + 0.1 * (-1.0) ** np.arange(8)
+    >>> hidden = [Dense(W_std=2**0.5, b_std=0.1**0.5), Relu()]
+    >>> net = serial(*hidden, *hidden, Dense())
+    >>> tp = marginalize_scale(regression, site="scale")
+    >>> with jax.enable_x64(True):
+    ...     log_py, tr = log_density(tp, (x, y), {"net": net, "noise": 0.01}, {})
+    >>> print(f"{float(log_py):.6f}", type(tr["y"]["fn"]).__name__)
+    -16.909567 MultivariateStudentT
     """
 
     def __init__(self, fn, site: str = "scale"):
