@@ -48,6 +48,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from ppl.models.registry import FitResult, ModelSpec, Problem, register
+from ppl.transforms import nngp as _nngp_transforms
 from ppl.transforms.nngp import Dense, Erf, Relu, kernel_fn, serial, unit_scale
 
 __all__ = [
@@ -66,8 +67,14 @@ __all__ = [
     "student_t_predict",
 ]
 
-#: Jitter of a latent GP covariance: ``JITTER · mean(diag K)`` (as ``infinite_width``).
-JITTER = 1e-10
+#: Relative jitter of a latent GP covariance, ``jitter · mean(diag K)``, by dtype: the one
+#: :class:`ppl.transforms.nngp.infinite_width` uses (1e-10 in float64, 1e-6 in float32).
+JITTER = _nngp_transforms.JITTER
+
+
+def _jitter(K):
+    return JITTER.get(jnp.dtype(K.dtype).name, 1e-6) * jnp.mean(jnp.diag(K))
+
 
 #: Variants of :func:`load_default` (diabetes regression, spec §5 B1).
 VARIANTS = ("clean", "outliers", "ood", "outliers-ood")
@@ -213,7 +220,7 @@ def regression(
     scale = _scale_site(scale_prior, K.dtype)
     zeros = jnp.zeros((n,) if k is None else (k, n), K.dtype)
     if latent:
-        jitter = JITTER * jnp.mean(jnp.diag(K))
+        jitter = _jitter(K)
         f = numpyro.sample("f", dist.MultivariateNormal(zeros, scale * K + jitter * eye))
         sd = jnp.sqrt(scale * noise) if noise_scaled else jnp.sqrt(noise)
         out = numpyro.sample("y", dist.Normal(f, sd).to_event(1), obs=yt)
@@ -262,38 +269,43 @@ def _is_mixture(prior) -> bool:
 
 
 def _fixed_scale(prior, dtype):
-    return jnp.asarray(1.0 if prior is None else prior.v, dtype)
+    """σ² of the SVGP baseline: ``Delta(v)`` fixes it at v; ``None`` learns it by maximum
+    likelihood (the positive param ``scale_ml``, shared by model and guide, initial 1)."""
+    if prior is None:
+        return numpyro.param("scale_ml", jnp.asarray(1.0, dtype), constraint=constraints.positive)
+    return jnp.asarray(prior.v, dtype)
 
 
-def _sparse_conditional(kfn, z, tril, xb, u):
-    """p(f_B | u): loc ``[B, C]`` = K_BZ K_ZZ⁻¹ uᵀ and the unit-scale variance ``[B]`` =
-    diag(K_BB − K_BZ K_ZZ⁻¹ K_ZB) (multiply by σ²); ``tril`` = chol(K_ZZ + jitter)."""
+def _sparse_conditional(kfn, z, tril, xb, v):
+    """p(f_B | v) in the whitened parameterisation u = L v (L = chol(K_ZZ + jitter)):
+    loc ``[B, C]`` = (L⁻¹K_ZB)ᵀ vᵀ, the unit-scale variance ``[B]`` = diag(K_BB − K_BZ K_ZZ⁻¹
+    K_ZB) (multiply by σ²), and W = L⁻¹K_ZB ``[M, B]``."""
     kzb = kfn(z, xb)  # [M, B]
-    v = jax.scipy.linalg.solve_triangular(tril, kzb, lower=True)  # L⁻¹ K_ZB
-    a_t = jax.scipy.linalg.solve_triangular(tril.T, v, lower=False)  # K_ZZ⁻¹ K_ZB  [M, B]
-    loc = (u @ a_t).T
-    var = jnp.clip(kfn(xb, diag=True) - jnp.sum(v * v, axis=0), 1e-10, None)
-    return loc, var, a_t
+    w = jax.scipy.linalg.solve_triangular(tril, kzb, lower=True)  # L⁻¹ K_ZB
+    loc = (v @ w).T
+    var = jnp.clip(kfn(xb, diag=True) - jnp.sum(w * w, axis=0), 1e-10, None)
+    return loc, var, w
 
 
 def _inducing_tril(kfn, z):
     kzz = kfn(z)
     m = kzz.shape[0]
-    return jnp.linalg.cholesky(kzz + JITTER * jnp.mean(jnp.diag(kzz)) * jnp.eye(m, dtype=kzz.dtype))
+    return jnp.linalg.cholesky(kzz + _jitter(kzz) * jnp.eye(m, dtype=kzz.dtype))
 
 
 def classification(x, y=None, *, net, num_classes, inducing, scale_prior=None, batch_size=None):
     """Sparse variational GP / Student-t process classifier (spec §1.5): the model.
 
     C = ``num_classes`` latent functions share the unit-scale kernel K and one σ² (the
-    ``scale`` site, prior ``scale_prior``; ``None`` or ``Delta(v)``: the SVGP baseline with
-    σ² fixed at 1 or v). Sites:
+    ``scale`` site, prior ``scale_prior``; ``None``: the SVGP baseline with σ² learned by
+    maximum likelihood (param ``scale_ml``); ``Delta(v)``: σ² fixed at v). Sites:
 
     * param ``inducing`` ``[M, ...]`` -- the M inducing inputs Z (learned, initialised from
       ``inducing``);
-    * ``scale`` ``[]``; ``u`` ``[C, M]`` ~ MVN(0, σ²K_ZZ) (the classes in the batch dim);
+    * ``scale`` ``[]``; ``u`` ``[C, M]`` ~ N(0, σ²I): the *whitened* inducing values, the
+      function values at Z being L u with L = chol(K_ZZ) (so u ~ N(0, σ²K_ZZ) at Z);
     * in ``plate("data", N, subsample_size=batch_size)``: ``f_noise`` ``[B, C]`` ~ N(0, I)
-      and the deterministic ``f = K_BZ K_ZZ⁻¹ u + √(σ² diag(K_BB − K_BZ K_ZZ⁻¹ K_ZB))·f_noise``
+      and the deterministic ``f = K_BZ L⁻ᵀ u + √(σ² diag(K_BB − K_BZ K_ZZ⁻¹ K_ZB))·f_noise``
       -- a draw of the GP conditional p(f_B | u, σ²), written through standard noise so that
       the guide (which samples ``f_noise`` from the same N(0, I)) needs no kernel -- then
       ``y ~ Categorical(logits=f)``.
@@ -328,8 +340,9 @@ def classification(x, y=None, *, net, num_classes, inducing, scale_prior=None, b
     else:
         scale = _fixed_scale(scale_prior, x.dtype)
     tril = _inducing_tril(kfn, z)
-    zeros = jnp.zeros((c, m), x.dtype)
-    u = numpyro.sample("u", dist.MultivariateNormal(zeros, scale_tril=jnp.sqrt(scale) * tril))
+    # Whitened: u ~ N(0, σ²I), values at Z = L u. A diagonal q(u) in the unwhitened space
+    # puts variance along K_ZZ's near-null directions, which K_ZZ⁻¹ then amplifies.
+    u = numpyro.sample("u", dist.Normal(jnp.zeros((c, m), x.dtype), jnp.sqrt(scale)).to_event(1))
     with numpyro.plate("data", x.shape[0], subsample_size=batch_size):
         xb = numpyro.subsample(x, event_dim=x.ndim - 1)
         loc, var, _ = _sparse_conditional(kfn, z, tril, xb, u)
@@ -349,7 +362,9 @@ def classification_guide(
 ):
     """The variational family of :func:`classification` (spec §1.5; same signature).
 
-    Params: ``u_loc`` ``[C, M]`` (m_c), ``u_var`` ``[C, M]`` (the diagonal S_c, positive),
+    Params: ``u_loc`` ``[C, M]`` (m_c), ``u_var`` ``[C, M]`` (the diagonal S_c, positive; both
+    in the whitened space of the model's ``u``, a deviation from spec §1.5's diagonal S_c on
+    the function values at Z, which trains badly when K_ZZ is ill-conditioned),
     and for a scale mixture ``scale_a``, ``scale_b`` (q(σ²) = InverseGamma(a_q, b_q),
     initialised at the prior's a, b when it is inverse-gamma, else 2, 2); the inducing
     inputs are the model's param. Sites: ``scale ~ q(σ²)``, ``u ~ N(m_c, σ²S_c)``, and
@@ -378,9 +393,9 @@ def classification_predict(
 ):
     """Mean class probabilities ``[t, C]`` at ``x [t, ...]`` under the trained guide.
 
-    q(f*_c) = ∫ N(A m_c, σ²(diag(A S_c Aᵀ) + diag B)) q(σ²) dσ² (a Student-t for the SVTP,
-    spec §1.5); ``num_samples`` joint draws of (σ², f*) are pushed through the softmax and
-    averaged.
+    q(f*_c) = ∫ N(Wᵀm_c, σ²(diag(Wᵀ S_c W) + diag B)) q(σ²) dσ², W = L⁻¹K_Z* (a Student-t
+    for the SVTP, spec §1.5); ``num_samples`` joint draws of (σ², f*) are pushed through the
+    softmax and averaged.
 
     :param params: the constrained params of the trained model and guide (``inducing``,
         ``u_loc``, ``u_var`` and, for a mixture, ``scale_a``, ``scale_b``).
@@ -397,12 +412,13 @@ def classification_predict(
         q = dist.InverseGamma(params["scale_a"], params["scale_b"])
         scales = q.sample(k_scale, (num_samples,)).astype(x.dtype)
     else:
-        scales = jnp.full((num_samples,), _fixed_scale(scale_prior, x.dtype))
+        fixed = params["scale_ml"] if scale_prior is None else scale_prior.v
+        scales = jnp.full((num_samples,), jnp.asarray(fixed, x.dtype))
 
     @jax.jit
     def block(xb, kb):
-        loc, var, a_t = _sparse_conditional(kfn, z, tril, xb, u_loc)  # [B, C], [B], [M, B]
-        var_c = var[:, None] + (a_t.T**2) @ u_var.T  # [B, C]
+        loc, var, w = _sparse_conditional(kfn, z, tril, xb, u_loc)  # [B, C], [B], [M, B]
+        var_c = var[:, None] + (w.T**2) @ u_var.T  # [B, C]
         eps = jax.random.normal(kb, (num_samples, *loc.shape), x.dtype)
         f = loc + jnp.sqrt(scales[:, None, None] * var_c) * eps
         return jnp.mean(jax.nn.softmax(f, axis=-1), axis=0)
