@@ -100,6 +100,7 @@ def test_arviz_functions_run(idata_vi):
     matplotlib.pyplot.close("all")
 
 
+@pytest.mark.slow  # NUTS + LOO; conversion is covered by the other tests here
 def test_compare_with_nuts(idata_vi):
     idata_mcmc = eight_schools_nuts()
     cmp = az.compare({"svi": idata_vi, "nuts": idata_mcmc})

@@ -112,6 +112,7 @@ def test_fit_eight_schools_svi_console_script(tmp_path):
     assert "theta[7]" in summary
 
 
+@pytest.mark.slow  # NUTS itself is covered by tests/test_nuts.py; this is the CLI path
 def test_fit_eight_schools_nuts(tmp_path, capsys):
     out = tmp_path / "nuts"
     argv = ["fit", "eight-schools", "--inference", "nuts", "--num-warmup", 30]

@@ -480,6 +480,7 @@ def test_four_simulated_devices_equal_one_device(four_devices):
     assert "SHARDED-OK" in out.stdout
 
 
+@pytest.mark.slow  # two processes; the sharded single-process test stays in the default suite
 def test_two_processes_with_jax_distributed_equal_one_process(tmp_path, four_devices):
     """2 processes x 2 CPU devices (jax.distributed, gloo), each feeding half the rows,
     with a checkpoint and a resume, give the single-process result."""
