@@ -1,0 +1,767 @@
+"""Fractional Brownian motion as a sum of Ornstein–Uhlenbeck processes (MA-fBM).
+
+Fractional Brownian motion B^H with **Hurst index** H ∈ (0, 1) is not Markov, so an SDE
+driven by it, dX = b(X, t) dt + σ(X, t) dB^H, cannot be simulated or inferred step by step.
+Daems et al. (ICLR 2024), after Carmona & Coutin (1998), approximate it by K Ornstein–Uhlenbeck
+processes that share one Brownian motion W,
+
+    dY_k = −γ_k Y_k dt + dW,        B̂_t = Σ_k ω_k Y_k(t)   (type II; Y_k(0) = 0),
+                                     B̂_t = Σ_k ω_k (Y_k(t) − Y_k(0))   (type I; Y(0) stationary),
+
+with speeds γ on a geometric grid (:func:`gamma_grid`) and weights ω chosen to minimise the
+integrated L2 error E∫_0^T (B^H_t − B̂_t)² dt = ωᵀAω − 2bᵀω + c over the **horizon** T
+(:func:`optimal_omega`, closed form Aω = b). The SDE becomes an ordinary Markov SDE on the
+augmented state Z = (X, Y_1..Y_K) (:func:`markov_sde`):
+
+    dY_k = (−γ_k Y_k + u) dt + dW,    dX = [b − σ Σ_k ω_k γ_k Y_k] dt + σ ω̄ (dW + u dt),
+
+ω̄ = Σ_k ω_k, where u is a posterior **control** (u = 0 under the prior); the path KL between
+the controlled and the uncontrolled SDE is E ½∫‖u‖² dt (Girsanov).
+
+**The two kinds of fBM and their normalisation.** Type II (Riemann–Liouville) is
+B_t = Γ(H+½)⁻¹ ∫_0^t (t−s)^{H−½} dW_s, Var B_t = t^{2H} / (2H Γ(H+½)²). Type I
+(Mandelbrot–van Ness) is Γ-normalised the same way, which gives Var B_t = V_H t^{2H} with
+V_H = 1 / (Γ(2H+1) sin πH) (:func:`mvn_variance`; 3.52 at H = 0.1, 1 at H = ½, 1.93 at
+H = 0.9). Everything here targets these Γ-normalised processes; ``unit_variance=True`` divides
+ω by the square root of the variance factor, so that the target has Var B_t = t^{2H} (the
+usual "standard" fBM). At H = ½ both are Brownian motion; ``exact_bm=True`` replaces the
+approximation there by γ = [0], ω = [1] (Y = W exactly).
+
+:func:`markov_fbm` is the program transformation over NumPyro models: it rewrites every
+:func:`fbm_sde` call (an SDE written against fractional noise) into the augmented Markov SDE,
+with the Brownian increments as a sample site (and, for type I, the stationary Y(0)).
+
+Example (spec §4: the relative L2 error at H = 0.7, type II, K = 5, γ_max = 20, T = 2.4):
+
+>>> import jax
+>>> from ppl.transforms.fbm import approximation_error, gamma_grid, optimal_omega
+>>> with jax.enable_x64(True):
+...     gammas = gamma_grid(5, 20.0)
+...     err = approximation_error(0.7, gammas, 2.4, fbm_type="II")
+>>> print(f"{float(err):.1e}")
+4.7e-05
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax.scipy.special import gammainc, gammaincc, gammaln
+from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
+
+__all__ = [
+    "FBM_SDE",
+    "MarkovSDE",
+    "approximation_error",
+    "check_step",
+    "fbm_covariance",
+    "fbm_sde",
+    "gamma_grid",
+    "ma_covariance",
+    "markov_fbm",
+    "markov_sde",
+    "mvn_variance",
+    "omega_system",
+    "optimal_omega",
+]
+
+#: The message type of :func:`fbm_sde` (handled by :class:`markov_fbm`).
+FBM_SDE = "fbm_sde"
+_TYPES = ("I", "II")
+#: Above this γT, e^{γT}·Q(a, γT) is evaluated by a continued fraction (no overflow).
+_CF_SWITCH = 10.0
+_CF_TERMS = 40
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_type(fbm_type) -> str:
+    if fbm_type not in _TYPES:
+        raise ValueError(f"fbm_type must be 'I' or 'II', got {fbm_type!r}")
+    return fbm_type
+
+
+def _check_hurst(hurst):
+    if _is_concrete(hurst):
+        h = np.asarray(hurst, dtype=float)
+        if not np.all(np.isfinite(h)) or np.any(h <= 0.0) or np.any(h >= 1.0):
+            raise ValueError(f"hurst must lie in (0, 1), got {hurst}")
+    return hurst
+
+
+def _check_horizon(horizon) -> float:
+    try:
+        t = float(horizon)
+    except TypeError as err:
+        raise TypeError(f"horizon must be a concrete positive number, got {horizon!r}") from err
+    if not math.isfinite(t) or t <= 0.0:
+        raise ValueError(f"horizon must be a finite positive number, got {horizon}")
+    return t
+
+
+def _check_gammas(gammas, allow_zero=False) -> np.ndarray:
+    if not _is_concrete(gammas):
+        raise TypeError("gammas must be concrete (the speeds are fixed, not learned)")
+    g = np.asarray(gammas, dtype=np.float64)
+    if g.ndim != 1 or g.size < 1:
+        raise ValueError(f"gammas must be a non-empty 1-d array [K], got shape {g.shape}")
+    bad = (g < 0.0) if allow_zero else (g <= 0.0)
+    if not np.all(np.isfinite(g)) or np.any(bad):
+        raise ValueError(f"gammas must be finite and positive, got {g}")
+    return g
+
+
+def _float(x):
+    """``x`` as a JAX float array of the default float dtype (float64 under x64)."""
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def gamma_grid(num_ou: int, gamma_max: float) -> jax.Array:
+    """The geometric grid of OU speeds γ_k = r^{k−n}, n = (K+1)/2, r = γ_max^{2/(K−1)}.
+
+    The speeds run from 1/γ_max to γ_max with γ_1·γ_K = 1 (the middle one is 1 for odd K).
+
+    :param num_ou: K ≥ 1, the number of OU processes (K = 1 gives [1.0]).
+    :param gamma_max: the largest speed γ_K > 1.
+    :return: γ ``[K]``, increasing.
+
+    >>> import numpy as np
+    >>> print(np.round(np.asarray(gamma_grid(5, 20.0)), 4))
+    [ 0.05    0.2236  1.      4.4721 20.    ]
+    """
+    if isinstance(num_ou, bool) or int(num_ou) != num_ou or int(num_ou) < 1:
+        raise ValueError(f"num_ou must be an integer ≥ 1, got {num_ou!r}")
+    k = int(num_ou)
+    g = float(gamma_max)
+    if not math.isfinite(g) or g <= 0.0 or (k > 1 and g <= 1.0):
+        raise ValueError(f"gamma_max must be a finite number > 1, got {gamma_max}")
+    if k == 1:
+        return _float(np.ones(1))
+    log_r = 2.0 * math.log(g) / (k - 1)
+    grid = np.exp(log_r * (np.arange(1, k + 1) - (k + 1) / 2.0))
+    return _float(grid)
+
+
+def check_step(dt: float, gammas, what: str = "dt") -> float:
+    """The step guard of the reference code: γ_max·dt < 0.5 (Euler on the fastest OU).
+
+    >>> check_step(0.01, gamma_grid(5, 20.0))
+    0.01
+    """
+    dt = float(dt)
+    g_max = float(np.max(_check_gammas(gammas, allow_zero=True)))
+    if not math.isfinite(dt) or dt <= 0.0:
+        raise ValueError(f"{what} must be a positive step, got {dt}")
+    if g_max * dt >= 0.5:
+        raise ValueError(
+            f"{what} = {dt:g} is too large for the fastest OU speed γ_max = {g_max:g}: "
+            f"need γ_max·{what} < 0.5 (got {g_max * dt:.3g}); use {what} < {0.5 / g_max:.3g}"
+        )
+    return dt
+
+
+# --------------------------------------------------------------------------- optimal ω
+
+
+def mvn_variance(hurst):
+    """V_H = 1 / (Γ(2H+1) sin πH): Var B_t / t^{2H} of the Γ-normalised type-I fBM.
+
+    >>> print(round(float(mvn_variance(0.3)), 3))
+    1.383
+    """
+    h = _float(_check_hurst(hurst))
+    return jnp.exp(-gammaln(2.0 * h + 1.0)) / jnp.sin(jnp.pi * h)
+
+
+def _rl_variance(hurst):
+    """Var B_t / t^{2H} of the type-II (Riemann–Liouville) fBM: 1 / (2H Γ(H+½)²)."""
+    h = _float(hurst)
+    return jnp.exp(-2.0 * gammaln(h + 0.5)) / (2.0 * h)
+
+
+def _variance_factor(hurst, fbm_type):
+    return mvn_variance(hurst) if fbm_type == "I" else _rl_variance(hurst)
+
+
+def _exp_gammaincc(a, z):
+    """e^z·Q(a, z) for z ≥ 0 without overflow, and without NaN in either ``where`` branch.
+
+    Below z = 10 the direct product; above, Legendre's continued fraction for Γ(a, z),
+    e^z Q(a, z) = z^a / (Γ(a)·(z + 1 − a − 1(1−a)/(z + 3 − a − 2(2−a)/(z + 5 − a − …)))),
+    evaluated backwards with a fixed number of terms. Each branch gets a safe input so that
+    the unused one stays finite under differentiation (the double-``where`` rule).
+    """
+    small = z < _CF_SWITCH
+    z_small = jnp.where(small, z, 1.0)
+    z_large = jnp.where(small, _CF_SWITCH, z)
+    direct = jnp.exp(z_small) * gammaincc(a, z_small)
+    f = z_large + (2 * _CF_TERMS + 1) - a
+    for n in range(_CF_TERMS, 0, -1):
+        f = z_large + (2 * n - 1) - a - n * (n - a) / f
+    fraction = jnp.exp(a * jnp.log(z_large) - gammaln(a)) / f
+    return jnp.where(small, direct, fraction)
+
+
+def _a_matrix(gammas: np.ndarray, horizon: float, fbm_type: str) -> np.ndarray:
+    """A_ij = E∫_0^T (MA basis i)(MA basis j) dt, in float64 NumPy (it does not depend on H)."""
+    g = gammas[:, None] + gammas[None, :]
+    t = horizon
+    if fbm_type == "II":
+        return (t + np.expm1(-g * t) / g) / g
+    e = np.expm1(-gammas * t) / gammas
+    return (2.0 * t + e[:, None] + e[None, :]) / g
+
+
+def omega_system(hurst, gammas, horizon, fbm_type: str = "II"):
+    """The quadratic J(ω) = E∫_0^T (B^H_t − B̂_t)² dt = ωᵀAω − 2bᵀω + c (spec §1.3).
+
+    With a = H + ½ and P, Q the regularised incomplete gamma functions:
+
+    * type II: A_ij = [T + (e^{−(γ_i+γ_j)T} − 1)/(γ_i+γ_j)]/(γ_i+γ_j),
+      b_k = T γ_k^{−a} P(a, γ_kT) − a γ_k^{−a−1} P(a+1, γ_kT), c = T^{2H+1}/(2H(2H+1)Γ(a)²);
+    * type I: A_ij = [2T + (e^{−γ_iT}−1)/γ_i + (e^{−γ_jT}−1)/γ_j]/(γ_i+γ_j),
+      b_k = 2T γ_k^{−a} − T^a/(γ_k Γ(a+1)) + (e^{−γ_kT} − e^{γ_kT} Q(a, γ_kT)) γ_k^{−a−1},
+      c = V_H T^{2H+1}/(2H+1).
+
+    :param hurst: H ∈ (0, 1), a scalar (may be traced: b and c are differentiable in H).
+    :param gammas: the speeds γ ``[K]`` (concrete).
+    :param horizon: T > 0.
+    :return: ``(A [K, K], b [K], c [])``; A in the default float dtype (float64 under x64).
+
+    >>> A, b, c = omega_system(0.5, gamma_grid(3, 10.0), 1.0)
+    >>> A.shape, b.shape, c.shape
+    ((3, 3), (3,), ())
+    """
+    fbm_type = _check_type(fbm_type)
+    t = _check_horizon(horizon)
+    g_np = _check_gammas(gammas)
+    h = _float(_check_hurst(hurst))
+    a = h + 0.5
+    g = _float(g_np)
+    if fbm_type == "II":
+        b = t * g**-a * gammainc(a, g * t) - a * g ** (-a - 1.0) * gammainc(a + 1.0, g * t)
+        c = t ** (2.0 * h + 1.0) / (2.0 * h * (2.0 * h + 1.0)) * jnp.exp(-2.0 * gammaln(a))
+    else:
+        b = (
+            2.0 * t * g**-a
+            - jnp.exp(a * math.log(t) - gammaln(a + 1.0)) / g
+            + (jnp.exp(-g * t) - _exp_gammaincc(a, g * t)) * g ** (-a - 1.0)
+        )
+        c = mvn_variance(h) * t ** (2.0 * h + 1.0) / (2.0 * h + 1.0)
+    return _float(_a_matrix(g_np, t, fbm_type)), b, c
+
+
+def _solve(gammas_np, horizon, fbm_type, b):
+    """ω = A⁻¹ b with A factorised once in float64 (A has condition number ~6e4 at K = 5)."""
+    a_inv = np.linalg.inv(_a_matrix(gammas_np, horizon, fbm_type))
+    return jnp.asarray(a_inv, dtype=b.dtype) @ b
+
+
+def optimal_omega(
+    hurst, gammas, horizon, fbm_type: str = "II", unit_variance: bool = False
+) -> jax.Array:
+    """The weights ω* = A⁻¹b minimising E∫_0^T (B^H_t − Σ_k ω_k basis_k(t))² dt.
+
+    A does not depend on H; it is inverted once in float64 (NumPy) and applied to b(H), so
+    the result is differentiable in ``hurst`` (also under ``jit``) and as accurate as the
+    working dtype allows (enable x64 for float64 ω; at K = 5 float32 is about the limit).
+
+    :param hurst: H ∈ (0, 1), scalar, may be traced.
+    :param gammas: speeds ``[K]`` (concrete), e.g. :func:`gamma_grid`.
+    :param horizon: T > 0, the interval [0, T] over which the error is integrated.
+    :param fbm_type: ``"I"`` (Mandelbrot–van Ness, Γ-normalised: Var = V_H t^{2H}) or
+        ``"II"`` (Riemann–Liouville).
+    :param unit_variance: divide ω by √(variance factor) to target Var B_t = t^{2H}.
+    :return: ω ``[K]``.
+
+    >>> import jax, numpy as np
+    >>> with jax.enable_x64(True):
+    ...     w_sum = float(optimal_omega(0.5, gamma_grid(5, 20.0), 2.4, fbm_type="II").sum())
+    >>> print(round(w_sum, 3))   # at H = ½, Σω ≈ 1: nearly Brownian motion
+    1.0
+    """
+    g_np = _check_gammas(gammas)
+    t = _check_horizon(horizon)
+    _, b, _ = omega_system(hurst, g_np, t, fbm_type)
+    omega = _solve(g_np, t, fbm_type, b)
+    if unit_variance:
+        omega = omega / jnp.sqrt(_variance_factor(hurst, fbm_type))
+    return omega
+
+
+def approximation_error(hurst, gammas, horizon, fbm_type: str = "II"):
+    """The relative integrated L2 error (c − bᵀω*)/c of the optimal MA-fBM (spec §4).
+
+    :return: a scalar in [0, 1] (e.g. 4.7e-5 at H = 0.7, type II, K = 5, γ_max = 20, T = 2.4).
+
+    >>> import jax
+    >>> with jax.enable_x64(True):
+    ...     e = approximation_error(0.3, gamma_grid(5, 20.0), 2.4, fbm_type="I")
+    >>> print(f"{float(e):.1e}")
+    1.3e-02
+    """
+    g_np = _check_gammas(gammas)
+    t = _check_horizon(horizon)
+    _, b, c = omega_system(hurst, g_np, t, fbm_type)
+    return (c - b @ _solve(g_np, t, fbm_type, b)) / c
+
+
+# --------------------------------------------------------------------------- covariances
+
+
+def ma_covariance(t, s, gammas, omega, fbm_type: str = "II"):
+    """Cov(B̂_t, B̂_s) of the MA-fBM Σ_k ω_k Y_k (exact, no discretisation).
+
+    With m = min(t, s) and e_ij = e^{−γ_i(t−m) − γ_j(s−m)}:
+
+    * type II (Y(0) = 0): Σ_ij ω_iω_j e_ij (1 − e^{−(γ_i+γ_j)m})/(γ_i+γ_j) (γ = 0 allowed:
+      the limit m, Brownian motion);
+    * type I (stationary Y(0), Cov = 1/(γ_i+γ_j)): Σ_ij ω_iω_j [e_ij − e^{−γ_i t} − e^{−γ_j s}
+      + 1]/(γ_i+γ_j).
+
+    :param t, s: times ≥ 0, broadcast against each other (e.g. ``ts[:, None], ts[None, :]``).
+    :param gammas: ``[K]``; ``omega``: ``[K]``.
+    :return: the covariance, of the broadcast shape of t and s.
+
+    >>> import numpy as np
+    >>> ts = jnp.linspace(0.1, 1.0, 4)
+    >>> c = ma_covariance(ts[:, None], ts[None, :], jnp.zeros(1), jnp.ones(1))
+    >>> bool(np.allclose(c, np.minimum(ts[:, None], ts[None, :])))   # γ = 0: BM
+    True
+    """
+    fbm_type = _check_type(fbm_type)
+    t = _float(t)[..., None, None]
+    s = _float(s)[..., None, None]
+    g = _float(gammas)
+    w = _float(omega)
+    gi, gj = g[:, None], g[None, :]
+    gsum = gi + gj
+    m = jnp.minimum(t, s)
+    e = jnp.exp(-gi * (t - m) - gj * (s - m))
+    if fbm_type == "II":
+        pos = gsum > 0
+        safe = jnp.where(pos, gsum, 1.0)
+        v = jnp.where(pos, -jnp.expm1(-safe * m) / safe, m)
+        cov = e * v
+    else:
+        cov = (e - jnp.exp(-gi * t) - jnp.exp(-gj * s) + 1.0) / gsum
+    return jnp.einsum("...ij,i,j->...", cov, w, w)
+
+
+def fbm_covariance(t, s, hurst, fbm_type: str = "II", unit_variance: bool = False):
+    """Cov(B^H_t, B^H_s) of the true (Γ-normalised) fBM, as NumPy float64.
+
+    Type I: ½ V_H (t^{2H} + s^{2H} − |t−s|^{2H}). Type II (Riemann–Liouville):
+    Γ(H+½)⁻² ∫_0^{min(t,s)} (t−u)^{H−½} (s−u)^{H−½} du, by adaptive quadrature (SciPy, with the
+    algebraic end-point weight). ``unit_variance=True`` divides by the variance factor.
+
+    :param t, s: times ≥ 0 (NumPy-broadcast against each other).
+    :return: ``np.ndarray`` of the broadcast shape.
+
+    >>> print(np.round(fbm_covariance(np.array([1.0]), np.array([0.5]), 0.5, "I"), 6))
+    [0.5]
+    """
+    fbm_type = _check_type(fbm_type)
+    _check_hurst(hurst)
+    h = float(hurst)
+    t, s = np.broadcast_arrays(np.asarray(t, dtype=float), np.asarray(s, dtype=float))
+    if fbm_type == "I":
+        cov = 0.5 * (t ** (2 * h) + s ** (2 * h) - np.abs(t - s) ** (2 * h))
+        return cov if unit_variance else cov * float(mvn_variance(h))
+    from scipy import integrate
+    from scipy.special import gammaln as np_gammaln
+
+    alpha = h - 0.5
+    out = np.empty(t.shape)
+    for idx in np.ndindex(t.shape):
+        lo, hi = sorted((t[idx], s[idx]))
+        if lo <= 0.0:
+            out[idx] = 0.0
+        elif hi == lo:
+            out[idx] = lo ** (2 * h) / (2 * h)
+        else:  # ∫_0^lo (hi − lo + v)^α v^α dv, v^α as the quadrature weight
+            val, _ = integrate.quad(
+                lambda v, d=hi - lo: (d + v) ** alpha, 0.0, lo, weight="alg", wvar=(alpha, 0.0)
+            )
+            out[idx] = val
+    out = out * np.exp(-2.0 * np_gammaln(h + 0.5))
+    return out / float(_rl_variance(h)) if unit_variance else out
+
+
+# --------------------------------------------------------------------------- the Markov SDE
+
+
+class MarkovSDE(NamedTuple):
+    """An SDE driven by MA-fBM, written as an ordinary Markov SDE on (X, Y_1..Y_K).
+
+    Built by :func:`markov_sde`. Shapes: latent ``x [..., D]``, OU states ``y [..., D, K]``
+    (one scalar Brownian motion per latent dimension drives that dimension's K OU processes).
+
+    :ivar drift: the prior drift b(t, x) ``[..., D]``.
+    :ivar diffusion: the (diagonal) diffusion σ(t, x) ``[..., D]``.
+    :ivar gammas: OU speeds γ ``[K]``.
+    :ivar omega: weights ω ``[K]`` (may depend on a traced H).
+    :ivar fbm_type: ``"I"`` (stationary Y(0)) or ``"II"`` (Y(0) = 0).
+    """
+
+    drift: Callable
+    diffusion: Callable
+    gammas: Any
+    omega: Any
+    fbm_type: str
+
+    @property
+    def num_ou(self) -> int:
+        """K, the number of OU processes."""
+        return int(np.shape(self.gammas)[0])
+
+    def y0_scale_tril(self):
+        """Cholesky factor of Cov Y(0) ``[K, K]`` (type I: C_ij = 1/(γ_i+γ_j); type II: 0)."""
+        g = np.asarray(self.gammas, dtype=np.float64)
+        if self.fbm_type == "II":
+            return _float(np.zeros((g.size, g.size)))
+        return _float(np.linalg.cholesky(1.0 / (g[:, None] + g[None, :])))
+
+    def sample_y0(self, key, batch_shape=(), dim: int = 1):
+        """Draw Y(0) ``[*batch_shape, D, K]`` from its (prior = posterior) law."""
+        k = self.num_ou
+        if self.fbm_type == "II":
+            return jnp.zeros((*batch_shape, dim, k), dtype=jnp.result_type(float))
+        eps = jax.random.normal(key, (*batch_shape, dim, k), dtype=jnp.result_type(float))
+        return eps @ self.y0_scale_tril().T
+
+    def step(self, t, x, y, dw, dt):
+        """One Itô Euler step driven by the (possibly controlled) increment ``dw [..., D]``.
+
+        :return: ``(x [..., D], y [..., D, K])`` at t + dt.
+        """
+        g = _float(self.gammas)
+        wg = jnp.asarray(self.omega) * g
+        sig = self.diffusion(t, x)
+        drift = self.drift(t, x) - sig * jnp.sum(wg * y, axis=-1)
+        x_new = x + drift * dt + sig * jnp.sum(jnp.asarray(self.omega)) * dw
+        y_new = y - g * y * dt + dw[..., None]
+        return x_new, y_new
+
+    def euler(self, x0, y0, dW, dt, t0=0.0, control=None):
+        """Itô Euler–Maruyama on the augmented state (``lax.scan``).
+
+        Step n (t_n = t0 + n·dt, u_n = control(t_n, x_n, y_n) or 0, ΔW̃ = ΔW_n + u_n dt):
+        Y ← Y − γY dt + ΔW̃, X ← X + [b − σ Σ_k ω_kγ_kY_k] dt + σ ω̄ ΔW̃, and
+        KL += ½ Σ_D u_n² dt (Girsanov, discretised).
+
+        :param x0: ``[..., D]``; ``y0``: ``[..., D, K]``.
+        :param dW: Brownian increments ``[num_steps, ..., D]`` (N(0, dt) under the prior).
+        :param dt: the step; ``t0``: the start time.
+        :param control: ``u(t, x, y) -> [..., D]`` or None.
+        :return: ``(xs [num_steps+1, ..., D], ys [num_steps+1, ..., D, K], kl [...])``.
+
+        >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.5, exact_bm=True)
+        >>> xs, ys, kl = sde.euler(jnp.zeros(1), jnp.zeros((1, 1)), jnp.zeros((10, 1)), 0.1)
+        >>> xs.shape, ys.shape, float(kl)
+        ((11, 1), (11, 1, 1), 0.0)
+        """
+        x0 = jnp.asarray(x0)
+        y0 = jnp.broadcast_to(jnp.asarray(y0), (*jnp.shape(x0), self.num_ou))
+        kl0 = jnp.zeros(jnp.shape(x0)[:-1], dtype=jnp.result_type(x0, float))
+
+        def step(carry, dw):
+            x, y, t, kl = carry
+            if control is not None:
+                u = control(t, x, y)
+                kl = kl + 0.5 * jnp.sum(u * u, axis=-1) * dt
+                dw = dw + u * dt
+            x, y = self.step(t, x, y, dw, dt)
+            return (x, y, t + dt, kl), (x, y)
+
+        init = (x0, y0, jnp.asarray(t0, dtype=jnp.result_type(float)), kl0)
+        (_, _, _, kl), (xs, ys) = jax.lax.scan(step, init, dW)
+        return (
+            jnp.concatenate([x0[None], xs]),
+            jnp.concatenate([y0[None], ys]),
+            kl,
+        )
+
+
+def markov_sde(
+    drift: Callable,
+    diffusion: Callable,
+    hurst,
+    *,
+    num_ou: int = 5,
+    gamma_max: float = 20.0,
+    horizon: float = 1.0,
+    fbm_type: str = "I",
+    exact_bm: bool = False,
+    unit_variance: bool = False,
+) -> MarkovSDE:
+    """dX = b dt + σ dB^H, B^H ≈ MA-fBM, as a Markov SDE on (X, Y) (spec §1.4).
+
+    :param drift: b(t, x) ``[..., D] -> [..., D]``.
+    :param diffusion: σ(t, x) ``[..., D] -> [..., D]`` (or a broadcastable scalar).
+    :param hurst: H ∈ (0, 1) (may be traced, e.g. sigmoid of a learned parameter).
+    :param num_ou, gamma_max: the grid :func:`gamma_grid` (K = 5, γ_max = 20 by default).
+    :param horizon: T of the ω optimisation (the span of the data).
+    :param fbm_type: ``"I"`` or ``"II"``.
+    :param exact_bm: at H = ½ use γ = [0], ω = [1] (exactly Brownian motion) instead.
+    :param unit_variance: target unit-variance fBM (see :func:`optimal_omega`).
+
+    >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.7, horizon=2.0)
+    >>> sde.num_ou, sde.fbm_type
+    (5, 'I')
+    """
+    fbm_type = _check_type(fbm_type)
+    _check_hurst(hurst)
+    if exact_bm:
+        if not _is_concrete(hurst) or float(hurst) != 0.5:
+            raise ValueError(f"exact_bm=True needs hurst == 0.5 (Brownian motion), got {hurst}")
+        return MarkovSDE(drift, diffusion, _float(np.zeros(1)), _float(np.ones(1)), "II")
+    gammas = gamma_grid(num_ou, gamma_max)
+    omega = optimal_omega(hurst, gammas, horizon, fbm_type, unit_variance=unit_variance)
+    return MarkovSDE(drift, diffusion, gammas, omega, fbm_type)
+
+
+# --------------------------------------------------------------------------- the primitive
+
+
+def _no_markov(*args, **kwargs):
+    raise NotImplementedError(
+        "fbm_sde needs a handler that makes the fractional noise Markov: run the model "
+        "under ppl.transforms.fbm.markov_fbm(...)"
+    )
+
+
+def fbm_sde(
+    name: str,
+    drift: Callable,
+    diffusion: Callable,
+    x0,
+    *,
+    hurst,
+    times,
+    dt: float,
+    fbm_type: str = "I",
+    control: Callable | None = None,
+):
+    """The primitive: X at ``times`` for dX = b dt + σ dB^H, X(0) = x0 (fractional noise).
+
+    It only has a meaning under a handler that makes the noise Markov (:class:`markov_fbm`),
+    which adds the sample sites ``f"{name}.dW"`` (Brownian increments ``[num_steps, ..., D]``)
+    and, for type I, ``f"{name}.y0"`` (the stationary OU start), records the path KL
+    ``½∫‖u‖²dt`` and the whole path as deterministic sites, and returns X at ``times``. A
+    ``control`` u(t, x, y) turns the prior SDE into the posterior one (use the same ``name`` in
+    the guide): the increments site then has the law of ΔW + u dt, and the ELBO of the core
+    objective DSL is E[log-lik] − KL(q(x₀)‖p(x₀)) − E ½∫‖u‖²dt in expectation (Girsanov).
+
+    :param x0: the start ``[..., D]``.
+    :param hurst: H ∈ (0, 1) (may be traced).
+    :param times: observation times ``[T]``, increasing, in (0, num_steps·dt].
+    :param dt: the Euler step (the number of steps is ⌈times[-1]/dt⌉).
+    :return: X at ``times``: ``[T, ..., D]``.
+    """
+    if name is None or not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {name!r}")
+    msg = {
+        "type": FBM_SDE,
+        "fn": _no_markov,
+        "args": (name, drift, diffusion, x0),
+        "kwargs": dict(
+            hurst=hurst, times=times, dt=dt, fbm_type=_check_type(fbm_type), control=control
+        ),
+        "value": None,
+    }
+    if not _PYRO_STACK:
+        return _no_markov()
+    return apply_stack(msg)["value"]
+
+
+class ControlledIncrements(dist.Distribution):
+    """The law of the Brownian increments of a controlled Markov SDE (a sequential Normal).
+
+    ΔW̃_n | past ~ N(u_n·dt, dt), with u_n = control(t_n, x_n, y_n) at the state reached by
+    ΔW̃_{<n}; without control, iid N(0, dt). ``log_prob`` re-runs the path, so the density
+    ratio to the uncontrolled law is exact, −Σ u_n ΔW̃_n + ½ Σ u_n² dt, whose expectation under
+    this law is −½ Σ u_n² dt (Girsanov): the ELBO and the importance weights over paths are
+    the true ones for the discretised SDE.
+
+    :param sde: a :class:`MarkovSDE`.
+    :param x0: the start ``[*batch, D]``; ``y0``: ``[*batch, D, K]``.
+    :param num_steps: N; ``dt``: the step; ``control``: u(t, x, y) ``-> [*batch, D]``.
+
+    Batch shape ``batch``, event shape ``[N, D]`` (values ``[*batch, N, D]``).
+    """
+
+    arg_constraints = {}
+    support = dist.constraints.real
+    has_rsample = True
+    pytree_data_fields = ()
+    pytree_aux_fields = ("sde", "x0", "y0", "num_steps", "dt", "control")
+
+    def __init__(self, sde, x0, y0, num_steps, dt, control=None):
+        self.sde, self.x0, self.y0 = sde, jnp.asarray(x0), jnp.asarray(y0)
+        self.num_steps, self.dt, self.control = int(num_steps), float(dt), control
+        batch, d = jnp.shape(self.x0)[:-1], jnp.shape(self.x0)[-1]
+        super().__init__(batch_shape=batch, event_shape=(self.num_steps, d))
+
+    def _scan(self, inc, add_drift):
+        """Walk the path; returns (controlled increments, Σ_n log N(ΔW̃_n; u_n dt, dt))."""
+        dt, sde, control = self.dt, self.sde, self.control
+        log_norm = -0.5 * math.log(2 * math.pi * dt)
+
+        def step(carry, d):
+            x, y, t, lp = carry
+            u = control(t, x, y) if control is not None else jnp.zeros_like(x)
+            dw = d + u * dt if add_drift else d
+            lp = lp + jnp.sum(log_norm - 0.5 * (dw - u * dt) ** 2 / dt, axis=-1)
+            x, y = sde.step(t, x, y, dw, dt)
+            return (x, y, t + dt, lp), dw
+
+        y0 = jnp.broadcast_to(self.y0, (*jnp.shape(self.x0), sde.num_ou))
+        lp0 = jnp.zeros(self.batch_shape, dtype=jnp.result_type(self.x0, float))
+        t0 = jnp.zeros((), dtype=jnp.result_type(float))
+        (_, _, _, lp), dws = jax.lax.scan(step, (self.x0, y0, t0, lp0), jnp.moveaxis(inc, -2, 0))
+        return jnp.moveaxis(dws, 0, -2), lp
+
+    def rsample(self, key, sample_shape=()):
+        if sample_shape:
+            raise ValueError("ControlledIncrements draws one path per batch element")
+        shape = (*self.batch_shape, *self.event_shape)
+        xi = jax.random.normal(key, shape, dtype=jnp.result_type(float)) * math.sqrt(self.dt)
+        return xi if self.control is None else self._scan(xi, add_drift=True)[0]
+
+    def sample(self, key, sample_shape=()):
+        return self.rsample(key, sample_shape)
+
+    def log_prob(self, value):
+        return self._scan(value, add_drift=False)[1]
+
+
+def _check_times(times, dt) -> np.ndarray:
+    if not _is_concrete(times):
+        raise TypeError("times must be concrete (the grid of an fbm_sde is fixed)")
+    ts = np.asarray(times, dtype=np.float64)
+    if ts.ndim != 1 or ts.size < 1:
+        raise ValueError(f"times must be a non-empty 1-d array, got shape {ts.shape}")
+    if not np.all(np.isfinite(ts)) or ts[0] <= 0.0 or np.any(np.diff(ts) <= 0.0):
+        raise ValueError("times must be finite, > 0 and strictly increasing")
+    return ts
+
+
+def interpolate(xs, times, dt):
+    """Linear interpolation of a path on the grid n·dt (``xs [N+1, ..., D]``) at ``times``.
+
+    :return: ``[T, ..., D]``.
+    """
+    pos = np.asarray(times, dtype=np.float64) / dt
+    lo = np.minimum(np.floor(pos + 1e-9).astype(int), xs.shape[0] - 1)
+    hi = np.minimum(lo + 1, xs.shape[0] - 1)
+    frac = jnp.asarray(np.clip(pos - lo, 0.0, 1.0), dtype=xs.dtype)
+    frac = frac.reshape((-1,) + (1,) * (xs.ndim - 1))
+    return xs[lo] * (1.0 - frac) + xs[hi] * frac
+
+
+class markov_fbm(Messenger):
+    """The program transformation: every :func:`fbm_sde` becomes the Markov MA-fBM SDE.
+
+    Each ``fbm_sde(name, ...)`` call is replaced by the augmented SDE of :func:`markov_sde`,
+    simulated by Euler–Maruyama on the grid n·dt, with sample sites
+
+    * ``f"{name}.y0"`` ``[*batch, D, K]`` — type I only: the stationary OU start N(0, C),
+      C_ij = 1/(γ_i+γ_j) (the same law under prior and posterior: it cancels in the ELBO);
+    * ``f"{name}.dW"`` ``[*batch, N, D]`` — the Brownian increments: iid N(0, dt) without a
+      control, :class:`ControlledIncrements` with one;
+
+    and the deterministic site ``name`` (X at the observation ``times``, ``[*batch, T, D]``).
+
+    :param num_ou: K; ``gamma_max``: the largest speed (guard γ_max·dt < 0.5 is enforced).
+    :param horizon: T of the ω optimisation; default: the last observation time.
+    :param exact_bm: at H = ½, exactly Brownian motion (γ = [0], ω = [1]).
+    :param unit_variance: target unit-variance fBM instead of the Γ-normalised one.
+
+    Example (an fOU prior; the guide would pass ``control=``):
+
+    >>> from numpyro.handlers import seed, trace
+    >>> def model():
+    ...     xs = fbm_sde("x", lambda t, x: -x, lambda t, x: 1.0, jnp.zeros(1), hurst=0.7,
+    ...                  times=jnp.linspace(0.1, 1.0, 10), dt=0.02)
+    ...     numpyro.sample("obs", dist.Normal(xs, 0.1).to_event(2), obs=jnp.zeros((10, 1)))
+    >>> tr = trace(seed(markov_fbm(model, num_ou=5, gamma_max=20.0), 0)).get_trace()
+    >>> [(k, tr[k]["value"].shape) for k in tr]
+    [('x.y0', (1, 5)), ('x.dW', (50, 1)), ('x', (10, 1)), ('obs', (10, 1))]
+    """
+
+    def __init__(
+        self,
+        fn=None,
+        *,
+        num_ou: int = 5,
+        gamma_max: float = 20.0,
+        horizon: float | None = None,
+        exact_bm: bool = False,
+        unit_variance: bool = False,
+    ):
+        gamma_grid(num_ou, gamma_max)  # validates both
+        if horizon is not None:
+            _check_horizon(horizon)
+        self.config = dict(
+            num_ou=int(num_ou),
+            gamma_max=float(gamma_max),
+            horizon=horizon,
+            exact_bm=bool(exact_bm),
+            unit_variance=bool(unit_variance),
+        )
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == FBM_SDE:
+            msg["fn"] = self._path
+
+    def _path(self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control):
+        cfg = self.config
+        ts = _check_times(times, dt)
+        x0 = jnp.asarray(x0)
+        if x0.ndim < 1:
+            raise ValueError(f"x0 must have a latent dimension [..., D], got shape {x0.shape}")
+        horizon = cfg["horizon"] if cfg["horizon"] is not None else float(ts[-1])
+        sde = markov_sde(
+            drift,
+            diffusion,
+            hurst,
+            num_ou=cfg["num_ou"],
+            gamma_max=cfg["gamma_max"],
+            horizon=horizon,
+            fbm_type=fbm_type,
+            exact_bm=cfg["exact_bm"],
+            unit_variance=cfg["unit_variance"],
+        )
+        dt = check_step(dt, sde.gammas)
+        num_steps = int(math.ceil(ts[-1] / dt - 1e-9))
+        batch, d = x0.shape[:-1], x0.shape[-1]
+        if sde.fbm_type == "I":
+            y0_law = dist.MultivariateNormal(jnp.zeros(sde.num_ou), scale_tril=sde.y0_scale_tril())
+            y0 = numpyro.sample(f"{name}.y0", y0_law.expand((*batch, d)).to_event(1))
+        else:
+            y0 = jnp.zeros((*batch, d, sde.num_ou), dtype=jnp.result_type(float))
+        if control is None:
+            law = dist.Normal(0.0, math.sqrt(dt)).expand((*batch, num_steps, d)).to_event(2)
+        else:
+            law = ControlledIncrements(sde, x0, y0, num_steps, dt, control)
+        inc = numpyro.sample(f"{name}.dW", law)
+        xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
+        at_times = jnp.moveaxis(interpolate(xs, ts, dt), 0, -2)
+        return numpyro.deterministic(name, at_times)
