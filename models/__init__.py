@@ -36,6 +36,7 @@ FAMILIES: tuple[str, ...] = (
     "eight_schools",
     "krosbl",
     "nngp",
+    "fbm_sde",
 )
 
 ENTRY_POINT_GROUP = "ppl.models"

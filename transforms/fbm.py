@@ -150,11 +150,14 @@ def gamma_grid(num_ou: int, gamma_max: float) -> jax.Array:
     g = float(gamma_max)
     if not math.isfinite(g) or g <= 0.0 or (k > 1 and g <= 1.0):
         raise ValueError(f"gamma_max must be a finite number > 1, got {gamma_max}")
+    return _float(_grid(k, g))
+
+
+def _grid(k: int, gamma_max: float) -> np.ndarray:
     if k == 1:
-        return _float(np.ones(1))
-    log_r = 2.0 * math.log(g) / (k - 1)
-    grid = np.exp(log_r * (np.arange(1, k + 1) - (k + 1) / 2.0))
-    return _float(grid)
+        return np.ones(1)
+    log_r = 2.0 * math.log(gamma_max) / (k - 1)
+    return np.exp(log_r * (np.arange(1, k + 1) - (k + 1) / 2.0))
 
 
 def check_step(dt: float, gammas, what: str = "dt") -> float:
@@ -497,6 +500,107 @@ class MarkovSDE(NamedTuple):
             kl,
         )
 
+    def milstein(self, x0, y0, ts, key, dt, control=None, t0=0.0, max_steps=4096):
+        """The reference design: diffrax Stratonovich–Milstein with a virtual Brownian tree.
+
+        One ``VirtualBrownianTree`` (tolerance dt/10) drives X and all K OU processes of a
+        latent dimension with the same increment (a diagonal "weakly diagonal" noise on the
+        flattened state), the path KL ½∫‖u‖²dt is carried as an extra ODE state, and the
+        solution is saved at ``ts``. σ is read in the Stratonovich sense (equal to Itô when σ
+        is constant). Needs ``diffrax``.
+
+        :param x0: ``[B, D]``; ``y0``: ``[B, D, K]``; ``ts``: save times ``[T]`` (> t0).
+        :param key: the PRNG key of the Brownian tree.
+        :param control: u(t, x, y) ``-> [B, D]`` or None.
+        :return: ``(xs [T, B, D], kl [B])``.
+        """
+        import diffrax
+        import lineax as lx
+
+        x0 = jnp.asarray(x0)
+        b, d, k = x0.shape[0], x0.shape[1], self.num_ou
+        g = _float(self.gammas)
+        w = jnp.asarray(self.omega)
+        wg, w_bar = w * g, jnp.sum(w)
+        y0 = jnp.broadcast_to(jnp.asarray(y0), (b, d, k))
+        ts = jnp.asarray(ts, dtype=x0.dtype)
+
+        def unpack(z):
+            z = z.reshape(b, d, k + 2)
+            return z[..., 0], z[..., 1 : k + 1], z[..., k + 1]
+
+        def drift(t, z, args):
+            x, y, _ = unpack(z)
+            sig = self.diffusion(t, x)
+            u = control(t, x, y) if control is not None else jnp.zeros_like(x)
+            dx = self.drift(t, x) - sig * jnp.sum(wg * y, -1) + sig * w_bar * u
+            dy = -g * y + u[..., None]
+            dkl = jnp.broadcast_to(0.5 * u**2, x.shape)
+            return jnp.concatenate([dx[..., None], dy, dkl[..., None]], -1).reshape(-1)
+
+        def diffusion(t, z, args):
+            x, y, _ = unpack(z)
+            sig = jnp.broadcast_to(self.diffusion(t, x) * w_bar, x.shape)
+            diag = jnp.concatenate(
+                [sig[..., None], jnp.ones_like(y), jnp.zeros_like(x)[..., None]], -1
+            )
+            return lx.DiagonalLinearOperator(diag.reshape(-1))
+
+        t1 = ts[-1]
+        bm = diffrax.VirtualBrownianTree(t0, t1, tol=dt / 10.0, shape=(b, d), key=key)
+        noise = _SharedIncrements(bm, k)
+        terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, noise))
+        z0 = jnp.concatenate([x0[..., None], y0, jnp.zeros((b, d, 1), x0.dtype)], -1)
+        sol = diffrax.diffeqsolve(
+            terms,
+            diffrax.StratonovichMilstein(),
+            t0,
+            t1,
+            dt,
+            z0.reshape(-1),
+            saveat=diffrax.SaveAt(ts=ts),
+            max_steps=max_steps,
+        )
+        zs = sol.ys.reshape(-1, b, d, k + 2)
+        return zs[..., 0], jnp.sum(zs[-1, ..., k + 1], axis=-1)
+
+
+def _shared_increments_class():
+    import diffrax
+
+    class SharedIncrements(diffrax.AbstractPath):
+        """A Brownian path ``[B, D]`` whose increment is repeated for X and the K OU states
+        of each latent dimension (and 0 for the KL slot), flattened."""
+
+        bm: diffrax.VirtualBrownianTree
+        num_ou: int
+
+        @property
+        def t0(self):
+            return self.bm.t0
+
+        @property
+        def t1(self):
+            return self.bm.t1
+
+        def evaluate(self, t0, t1=None, left=True, use_levy=False):
+            dw = self.bm.evaluate(t0, t1, left=left)
+            reps = jnp.broadcast_to(dw[..., None], (*dw.shape, self.num_ou + 1))
+            zero = jnp.zeros((*dw.shape, 1), dw.dtype)
+            return jnp.concatenate([reps, zero], -1).reshape(-1)
+
+    return SharedIncrements
+
+
+def _SharedIncrements(bm, num_ou):
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = _shared_increments_class()
+    return _SHARED(bm, num_ou)
+
+
+_SHARED = None
+
 
 def markov_sde(
     drift: Callable,
@@ -530,8 +634,9 @@ def markov_sde(
     if exact_bm:
         if not _is_concrete(hurst) or float(hurst) != 0.5:
             raise ValueError(f"exact_bm=True needs hurst == 0.5 (Brownian motion), got {hurst}")
-        return MarkovSDE(drift, diffusion, _float(np.zeros(1)), _float(np.ones(1)), "II")
-    gammas = gamma_grid(num_ou, gamma_max)
+        return MarkovSDE(drift, diffusion, np.zeros(1), _float(np.ones(1)), "II")
+    gamma_grid(num_ou, gamma_max)  # validates
+    gammas = _grid(int(num_ou), float(gamma_max))
     omega = optimal_omega(hurst, gammas, horizon, fbm_type, unit_variance=unit_variance)
     return MarkovSDE(drift, diffusion, gammas, omega, fbm_type)
 
@@ -557,6 +662,7 @@ def fbm_sde(
     dt: float,
     fbm_type: str = "I",
     control: Callable | None = None,
+    t_end: float | None = None,
 ):
     """The primitive: X at ``times`` for dX = b dt + σ dB^H, X(0) = x0 (fractional noise).
 
@@ -570,8 +676,10 @@ def fbm_sde(
 
     :param x0: the start ``[..., D]``.
     :param hurst: H ∈ (0, 1) (may be traced).
-    :param times: observation times ``[T]``, increasing, in (0, num_steps·dt].
-    :param dt: the Euler step (the number of steps is ⌈times[-1]/dt⌉).
+    :param times: observation times ``[T]``, strictly increasing, ≥ 0 (X(0) = x0).
+    :param dt: the Euler step (the number of steps is ⌈t_end/dt⌉).
+    :param t_end: the end of the simulated interval (default ``times[-1]``; needed when
+        ``times`` is traced, e.g. passed as a jitted argument).
     :return: X at ``times``: ``[T, ..., D]``.
     """
     if name is None or not isinstance(name, str):
@@ -581,7 +689,12 @@ def fbm_sde(
         "fn": _no_markov,
         "args": (name, drift, diffusion, x0),
         "kwargs": dict(
-            hurst=hurst, times=times, dt=dt, fbm_type=_check_type(fbm_type), control=control
+            hurst=hurst,
+            times=times,
+            dt=dt,
+            fbm_type=_check_type(fbm_type),
+            control=control,
+            t_end=t_end,
         ),
         "value": None,
     }
@@ -651,27 +764,32 @@ class ControlledIncrements(dist.Distribution):
         return self._scan(value, add_drift=False)[1]
 
 
-def _check_times(times, dt) -> np.ndarray:
+def _check_times(times, dt=None, allow_zero: bool = True) -> np.ndarray:
     if not _is_concrete(times):
         raise TypeError("times must be concrete (the grid of an fbm_sde is fixed)")
     ts = np.asarray(times, dtype=np.float64)
     if ts.ndim != 1 or ts.size < 1:
         raise ValueError(f"times must be a non-empty 1-d array, got shape {ts.shape}")
-    if not np.all(np.isfinite(ts)) or ts[0] <= 0.0 or np.any(np.diff(ts) <= 0.0):
-        raise ValueError("times must be finite, > 0 and strictly increasing")
+    first_ok = ts[0] >= 0.0 if allow_zero else ts[0] > 0.0
+    if not np.all(np.isfinite(ts)) or not first_ok or np.any(np.diff(ts) <= 0.0):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise ValueError(f"times must be finite, {bound} and strictly increasing, got {ts}")
     return ts
 
 
 def interpolate(xs, times, dt):
     """Linear interpolation of a path on the grid n·dt (``xs [N+1, ..., D]``) at ``times``.
 
+    :param times: ``[T]`` in [0, N·dt] (may be traced).
     :return: ``[T, ..., D]``.
+
+    >>> print(interpolate(jnp.arange(5.0)[:, None], jnp.array([0.0, 0.25, 0.4]), 0.1)[:, 0])
+    [0.  2.5 4. ]
     """
-    pos = np.asarray(times, dtype=np.float64) / dt
-    lo = np.minimum(np.floor(pos + 1e-9).astype(int), xs.shape[0] - 1)
-    hi = np.minimum(lo + 1, xs.shape[0] - 1)
-    frac = jnp.asarray(np.clip(pos - lo, 0.0, 1.0), dtype=xs.dtype)
-    frac = frac.reshape((-1,) + (1,) * (xs.ndim - 1))
+    pos = jnp.asarray(times, dtype=xs.dtype) / dt
+    lo = jnp.clip(jnp.floor(pos + 1e-6).astype(jnp.int32), 0, xs.shape[0] - 1)
+    hi = jnp.minimum(lo + 1, xs.shape[0] - 1)
+    frac = jnp.clip(pos - lo, 0.0, 1.0).reshape((-1,) + (1,) * (xs.ndim - 1))
     return xs[lo] * (1.0 - frac) + xs[hi] * frac
 
 
@@ -731,13 +849,21 @@ class markov_fbm(Messenger):
         if msg["type"] == FBM_SDE:
             msg["fn"] = self._path
 
-    def _path(self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control):
+    def _path(self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control, t_end):
         cfg = self.config
-        ts = _check_times(times, dt)
+        if _is_concrete(times):
+            ts = _check_times(times, dt)
+            t_end = float(ts[-1]) if t_end is None else float(t_end)
+            if ts[-1] > t_end * (1 + 1e-6):
+                raise ValueError(f"times reach {ts[-1]:g}, beyond t_end = {t_end:g}")
+        elif t_end is None:
+            raise ValueError("times is traced (a jitted argument): give t_end= as well")
+        t_end = _check_horizon(t_end)
+        ts = times
         x0 = jnp.asarray(x0)
         if x0.ndim < 1:
             raise ValueError(f"x0 must have a latent dimension [..., D], got shape {x0.shape}")
-        horizon = cfg["horizon"] if cfg["horizon"] is not None else float(ts[-1])
+        horizon = cfg["horizon"] if cfg["horizon"] is not None else t_end
         sde = markov_sde(
             drift,
             diffusion,
@@ -750,7 +876,7 @@ class markov_fbm(Messenger):
             unit_variance=cfg["unit_variance"],
         )
         dt = check_step(dt, sde.gammas)
-        num_steps = int(math.ceil(ts[-1] / dt - 1e-9))
+        num_steps = int(math.ceil(t_end / dt - 1e-9))
         batch, d = x0.shape[:-1], x0.shape[-1]
         if sde.fbm_type == "I":
             y0_law = dist.MultivariateNormal(jnp.zeros(sde.num_ou), scale_tril=sde.y0_scale_tril())
