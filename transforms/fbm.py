@@ -732,7 +732,8 @@ class ControlledIncrements(dist.Distribution):
         super().__init__(batch_shape=batch, event_shape=(self.num_steps, d))
 
     def _scan(self, inc, add_drift):
-        """Walk the path; returns (controlled increments, Σ_n log N(ΔW̃_n; u_n dt, dt))."""
+        """Walk the path; returns (controlled increments ``[*batch, N, D]``,
+        Σ_n log N(ΔW̃_n; u_n dt, dt) ``[*batch]``, the path X ``[N+1, *batch, D]``)."""
         dt, sde, control = self.dt, self.sde, self.control
         log_norm = -0.5 * math.log(2 * math.pi * dt)
 
@@ -742,26 +743,44 @@ class ControlledIncrements(dist.Distribution):
             dw = d + u * dt if add_drift else d
             lp = lp + jnp.sum(log_norm - 0.5 * (dw - u * dt) ** 2 / dt, axis=-1)
             x, y = sde.step(t, x, y, dw, dt)
-            return (x, y, t + dt, lp), dw
+            return (x, y, t + dt, lp), (dw, x)
 
         y0 = jnp.broadcast_to(self.y0, (*jnp.shape(self.x0), sde.num_ou))
         lp0 = jnp.zeros(self.batch_shape, dtype=jnp.result_type(self.x0, float))
         t0 = jnp.zeros((), dtype=jnp.result_type(float))
-        (_, _, _, lp), dws = jax.lax.scan(step, (self.x0, y0, t0, lp0), jnp.moveaxis(inc, -2, 0))
-        return jnp.moveaxis(dws, 0, -2), lp
+        init = (self.x0, y0, t0, lp0)
+        (_, _, _, lp), (dws, xs) = jax.lax.scan(step, init, jnp.moveaxis(inc, -2, 0))
+        xs = jnp.concatenate([jnp.broadcast_to(self.x0, xs.shape[1:])[None], xs])
+        return jnp.moveaxis(dws, 0, -2), lp, xs
 
     def rsample(self, key, sample_shape=()):
         if sample_shape:
             raise ValueError("ControlledIncrements draws one path per batch element")
         shape = (*self.batch_shape, *self.event_shape)
         xi = jax.random.normal(key, shape, dtype=jnp.result_type(float)) * math.sqrt(self.dt)
-        return xi if self.control is None else self._scan(xi, add_drift=True)[0]
+        if self.control is None:
+            return xi
+        # One pass gives the draw, its log density and the path: ξ ↦ ΔW̃ is triangular with a
+        # unit diagonal, so log q(ΔW̃) = Σ log N(ξ_n; 0, dt) in value and in θ-derivative.
+        value, lp, xs = self._scan(xi, add_drift=True)
+        self._cache = (value, lp, xs)
+        return value
 
     def sample(self, key, sample_shape=()):
         return self.rsample(key, sample_shape)
 
+    def _cached(self, value):
+        cache = getattr(self, "_cache", None)
+        return cache if cache is not None and cache[0] is value else None
+
     def log_prob(self, value):
-        return self._scan(value, add_drift=False)[1]
+        cache = self._cached(value)
+        return cache[1] if cache is not None else self._scan(value, add_drift=False)[1]
+
+    def path(self, value):
+        """The X path ``[N+1, *batch, D]`` these increments drive (cached after a draw)."""
+        cache = self._cached(value)
+        return cache[2] if cache is not None else self._scan(value, add_drift=False)[2]
 
 
 def _check_times(times, dt=None, allow_zero: bool = True) -> np.ndarray:
@@ -888,6 +907,9 @@ class markov_fbm(Messenger):
         else:
             law = ControlledIncrements(sde, x0, y0, num_steps, dt, control)
         inc = numpyro.sample(f"{name}.dW", law)
-        xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
+        if control is None:
+            xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
+        else:
+            xs = law.path(inc)
         at_times = jnp.moveaxis(interpolate(xs, ts, dt), 0, -2)
         return numpyro.deterministic(name, at_times)
