@@ -150,7 +150,8 @@ def gamma_grid(num_ou: int, gamma_max: float) -> jax.Array:
     g = float(gamma_max)
     if not math.isfinite(g) or g <= 0.0 or (k > 1 and g <= 1.0):
         raise ValueError(f"gamma_max must be a finite number > 1, got {gamma_max}")
-    return _float(_grid(k, g))
+    with jax.ensure_compile_time_eval():  # concrete even under jit: the speeds are fixed
+        return _float(_grid(k, g))
 
 
 def _grid(k: int, gamma_max: float) -> np.ndarray:
@@ -213,9 +214,12 @@ def _exp_gammaincc(a, z):
     z_small = jnp.where(small, z, 1.0)
     z_large = jnp.where(small, _CF_SWITCH, z)
     direct = jnp.exp(z_small) * gammaincc(a, z_small)
-    f = z_large + (2 * _CF_TERMS + 1) - a
-    for n in range(_CF_TERMS, 0, -1):
-        f = z_large + (2 * n - 1) - a - n * (n - a) / f
+
+    def term(i, f):
+        n = _CF_TERMS - i
+        return z_large + (2 * n - 1) - a - n * (n - a) / f
+
+    f = jax.lax.fori_loop(0, _CF_TERMS, term, z_large + (2 * _CF_TERMS + 1) - a)
     fraction = jnp.exp(a * jnp.log(z_large) - gammaln(a)) / f
     return jnp.where(small, direct, fraction)
 
