@@ -24,7 +24,7 @@ Example (prior draws of a 1-d fOU model at fixed H):
 
 >>> import jax, jax.numpy as jnp
 >>> from numpyro.handlers import seed, trace
->>> sde = LatentSDE(dim=1, hurst=0.7, drift="ou", dt=0.05)
+>>> sde = LatentSDE(dim=1, hurst=0.7, drift="ou", dt=0.04)
 >>> ts = jnp.linspace(0.1, 1.0, 10)
 >>> tr = trace(seed(sde.model, 0)).get_trace(ts, num_sequences=3)
 >>> tr["obs"]["value"].shape
@@ -92,7 +92,7 @@ def simulate_fou(
         "sigma", "obs_sd", "fbm_type"}`` (NumPy float64).
 
     >>> d = simulate_fou(0, num_paths=2, num_times=8)
-    >>> d["ys"].shape, d["ts"][-1]
+    >>> d["ys"].shape, float(d["ts"][-1])
     ((2, 8, 1), 2.4)
     """
     if not 0.0 < float(hurst) < 1.0:
@@ -369,8 +369,9 @@ class LatentSDE:
         lookahead = t_max / max(len(ts) - 1, 1)
 
         def control(t, x, y):
-            c_now = _interp_time(ctx, ts, t)
-            c_next = _interp_time(ctx, ts, t + lookahead)
+            lead = x.shape[:-1]  # [*particles, B]
+            c_now = jnp.broadcast_to(_interp_time(ctx, ts, t), (*lead, ctx.shape[-1]))
+            c_next = jnp.broadcast_to(_interp_time(ctx, ts, t + lookahead), (*lead, ctx.shape[-1]))
             time_feats = jnp.stack([t / t_max, jnp.sin(jnp.pi * t / t_max)])
             feats = [x, y.reshape(*y.shape[:-2], -1), c_now, c_next]
             feats.append(jnp.broadcast_to(time_feats, (*x.shape[:-1], 2)))

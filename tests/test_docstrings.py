@@ -12,10 +12,13 @@ MODULES = [
     "ppl.transforms.estimators",
     "ppl.transforms.kronecker",
     "ppl.transforms.nngp",
+    "ppl.transforms.fbm",
     "ppl.inference.svi",
     "ppl.inference.sbl",
     "ppl.inference.nngp",
+    "ppl.inference.fbm",
     "ppl.models.nngp",
+    "ppl.models.fbm_sde",
     "ppl.distributions",
 ]
 

@@ -44,6 +44,7 @@ Example (spec §4: the relative L2 error at H = 0.7, type II, K = 5, γ_max = 20
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -279,14 +280,76 @@ def _solve(gammas_np, horizon, fbm_type, b):
     return jnp.asarray(a_inv, dtype=b.dtype) @ b
 
 
+def _b_host(h: float, gammas: np.ndarray, t: float, fbm_type: str) -> np.ndarray:
+    """b of :func:`omega_system` in float64 NumPy/SciPy (same formulas)."""
+    from scipy.special import gammainc as sp_p
+    from scipy.special import gammaincc as sp_q
+    from scipy.special import gammaln as sp_gammaln
+
+    a, g = h + 0.5, gammas
+    if fbm_type == "II":
+        return t * g**-a * sp_p(a, g * t) - a * g ** (-a - 1.0) * sp_p(a + 1.0, g * t)
+    z = g * t
+    small = z < _CF_SWITCH
+    eq = np.empty_like(z)
+    eq[small] = np.exp(z[small]) * sp_q(a, z[small])
+    zl = z[~small]
+    f = zl + (2 * _CF_TERMS + 1) - a
+    for n in range(_CF_TERMS, 0, -1):
+        f = zl + (2 * n - 1) - a - n * (n - a) / f
+    eq[~small] = np.exp(a * np.log(zl) - sp_gammaln(a)) / f
+    return (
+        2.0 * t * g**-a
+        - np.exp(a * math.log(t) - sp_gammaln(a + 1.0)) / g
+        + (np.exp(-z) - eq) * g ** (-a - 1.0)
+    )
+
+
+def _omega_host(h, gammas, t, fbm_type, step=0.0):
+    """ω(h + step) in float64 on the host (A⁻¹ b by a Cholesky solve)."""
+    g = np.asarray(gammas, dtype=np.float64)
+    a_mat = _a_matrix(g, t, fbm_type)
+    return np.linalg.solve(a_mat, _b_host(float(h) + step, g, t, fbm_type))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _omega_f64(gammas, t, fbm_type, hurst):
+    """ω solved in float64 on the host and returned in float32 (a ``pure_callback``);
+    dω/dH = A⁻¹ db/dH by a float64 central difference (step 1e-6: ~1e-9 relative)."""
+    out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
+
+    def host(h):
+        return _omega_host(h, gammas, t, fbm_type).astype(np.float32)
+
+    return jax.pure_callback(host, out, hurst, vmap_method="sequential")
+
+
+@_omega_f64.defjvp
+def _omega_f64_jvp(gammas, t, fbm_type, primals, tangents):
+    (hurst,), (dh,) = primals, tangents
+    out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
+
+    def host_derivative(h):
+        eps = 1e-6
+        hi = _omega_host(h, gammas, t, fbm_type, eps)
+        lo = _omega_host(h, gammas, t, fbm_type, -eps)
+        return ((hi - lo) / (2 * eps)).astype(np.float32)
+
+    omega = _omega_f64(gammas, t, fbm_type, hurst)
+    d_omega = jax.pure_callback(host_derivative, out, hurst, vmap_method="sequential")
+    return omega, d_omega * dh
+
+
 def optimal_omega(
     hurst, gammas, horizon, fbm_type: str = "II", unit_variance: bool = False
 ) -> jax.Array:
     """The weights ω* = A⁻¹b minimising E∫_0^T (B^H_t − Σ_k ω_k basis_k(t))² dt.
 
-    A does not depend on H; it is inverted once in float64 (NumPy) and applied to b(H), so
-    the result is differentiable in ``hurst`` (also under ``jit``) and as accurate as the
-    working dtype allows (enable x64 for float64 ω; at K = 5 float32 is about the limit).
+    Always solved in float64: under x64, A (which does not depend on H) is inverted once in
+    NumPy and applied to b(H) in JAX; in float32, the whole solve runs in float64 on the host
+    (a ``pure_callback`` with a custom JVP, dω/dH = A⁻¹ db/dH), since b's float32 rounding
+    times cond(A) (5.7e4 at T = 2.4, 8e6 at T = 1 for type II) would spoil ω. Either way the
+    result is differentiable in ``hurst``, also under ``jit`` and ``vmap``.
 
     :param hurst: H ∈ (0, 1), scalar, may be traced.
     :param gammas: speeds ``[K]`` (concrete), e.g. :func:`gamma_grid`.
@@ -304,8 +367,13 @@ def optimal_omega(
     """
     g_np = _check_gammas(gammas)
     t = _check_horizon(horizon)
-    _, b, _ = omega_system(hurst, g_np, t, fbm_type)
-    omega = _solve(g_np, t, fbm_type, b)
+    if jnp.result_type(float) == jnp.float64:
+        _, b, _ = omega_system(hurst, g_np, t, fbm_type)
+        omega = _solve(g_np, t, fbm_type, b)
+    else:  # float32: b's rounding times cond(A) (up to ~1e7) would spoil ω; solve on the host
+        _check_hurst(hurst)
+        _check_type(fbm_type)
+        omega = _omega_f64(tuple(g_np.tolist()), t, fbm_type, jnp.asarray(hurst, jnp.float32))
     if unit_variance:
         omega = omega / jnp.sqrt(_variance_factor(hurst, fbm_type))
     return omega
@@ -483,8 +551,10 @@ class MarkovSDE(NamedTuple):
         >>> xs.shape, ys.shape, float(kl)
         ((11, 1), (11, 1, 1), 0.0)
         """
-        x0 = jnp.asarray(x0)
-        y0 = jnp.broadcast_to(jnp.asarray(y0), (*jnp.shape(x0), self.num_ou))
+        x0, y0, dW = jnp.asarray(x0), jnp.asarray(y0), jnp.asarray(dW)
+        lead = jnp.broadcast_shapes(x0.shape[:-1], y0.shape[:-2], dW.shape[1:-1])
+        x0 = jnp.broadcast_to(x0, (*lead, x0.shape[-1]))
+        y0 = jnp.broadcast_to(y0, (*x0.shape, self.num_ou))
         kl0 = jnp.zeros(jnp.shape(x0)[:-1], dtype=jnp.result_type(x0, float))
 
         def step(carry, dw):
@@ -749,18 +819,18 @@ class ControlledIncrements(dist.Distribution):
             x, y = sde.step(t, x, y, dw, dt)
             return (x, y, t + dt, lp), (dw, x)
 
-        y0 = jnp.broadcast_to(self.y0, (*jnp.shape(self.x0), sde.num_ou))
-        lp0 = jnp.zeros(self.batch_shape, dtype=jnp.result_type(self.x0, float))
+        lead = jnp.shape(inc)[:-2]  # [*sample, *batch]
+        x0 = jnp.broadcast_to(self.x0, (*lead, self.x0.shape[-1]))
+        y0 = jnp.broadcast_to(self.y0, (*x0.shape, sde.num_ou))
+        lp0 = jnp.zeros(lead, dtype=jnp.result_type(self.x0, float))
         t0 = jnp.zeros((), dtype=jnp.result_type(float))
-        init = (self.x0, y0, t0, lp0)
+        init = (x0, y0, t0, lp0)
         (_, _, _, lp), (dws, xs) = jax.lax.scan(step, init, jnp.moveaxis(inc, -2, 0))
-        xs = jnp.concatenate([jnp.broadcast_to(self.x0, xs.shape[1:])[None], xs])
+        xs = jnp.concatenate([x0[None], xs])
         return jnp.moveaxis(dws, 0, -2), lp, xs
 
     def rsample(self, key, sample_shape=()):
-        if sample_shape:
-            raise ValueError("ControlledIncrements draws one path per batch element")
-        shape = (*self.batch_shape, *self.event_shape)
+        shape = (*sample_shape, *self.batch_shape, *self.event_shape)
         xi = jax.random.normal(key, shape, dtype=jnp.result_type(float)) * math.sqrt(self.dt)
         if self.control is None:
             return xi
