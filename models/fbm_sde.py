@@ -230,7 +230,8 @@ class LatentSDE:
             raise ValueError(f"obs_sd must be > 0, got {self.obs_sd}")
         obs_dim = self.dim if self.obs_dim is None else int(self.obs_dim)
         object.__setattr__(self, "obs_dim", obs_dim)
-        d, k, w = int(self.dim), int(self.num_ou), int(self.width)
+        d, w = int(self.dim), int(self.width)
+        k = 1 if self.hurst == "bm" else int(self.num_ou)  # exact BM: one state, γ = 0
         keys = jax.random.split(jax.random.PRNGKey(self.seed), 6)
         ctx = obs_dim if self.encoder is None else int(self.context_dim or 0)
         if self.encoder is not None and not ctx:
@@ -478,6 +479,29 @@ class LatentSDE:
             return float(self.hurst)
         h = jax.nn.sigmoid(jnp.asarray(params["hurst_raw"]))
         return float(jnp.clip(h, _HURST_EPS, 1.0 - _HURST_EPS))
+
+    def paths(self, params, key, ts, ys):
+        """Posterior (guide) paths on the whole Euler grid, for plots and bands.
+
+        The guide's increments ``x.dW`` have the law of ΔW + u dt, so feeding one draw of
+        them (with its ``x0``, ``x.y0``) to the prior's Euler scheme reproduces the guide's
+        path at every step, not only at the observation times ``ts``.
+
+        :param params: constrained parameters (e.g. ``SVIRunResult.params``).
+        :param key: a PRNG key; ``ts [T]``, ``ys [B, T, obs_dim]``: as for :meth:`guide`.
+        :return: ``(grid [N+1], xs [N+1, B, D])`` with ``grid = n·dt``.
+        """
+        tr = numpyro.handlers.trace(
+            numpyro.handlers.seed(numpyro.handlers.substitute(self.guide, data=params), key)
+        ).get_trace(ts, ys)
+        dw = jnp.moveaxis(tr["x.dW"]["value"], -2, 0)  # [N, B, D]
+        num = dw.shape[1]
+        x0 = tr["x0"]["value"] if self.x0 is None else self._fixed_x0(num)
+        t_end = self.horizon if self.horizon is not None else float(np.asarray(ts)[-1])
+        m = self.markov(params, t_end)
+        y0 = tr["x.y0"]["value"] if "x.y0" in tr else jnp.zeros((num, self.dim, m.num_ou))
+        xs = m.euler(x0, y0, dw, self.dt)[0]
+        return self.dt * jnp.arange(xs.shape[0]), xs
 
     def markov(self, params, horizon):
         """The prior :class:`~ppl.transforms.fbm.MarkovSDE` at fitted ``params``."""

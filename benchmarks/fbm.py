@@ -1,0 +1,374 @@
+"""fBM latent-SDE benchmarks (issue 5): bridge, Hurst recovery, solver speed, mini-video.
+
+Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown tables:
+
+* **B1: the fBM bridge.** X₀ = 0, dX = dB^H (θ = 0, σ = 1, type I, K = 5, γ_max = 20), X₂ = 0
+  observed with sd 0.1, Euler dt = 0.01, a 2×128 control MLP, batch 32, 2000 Adam steps at
+  1e-3 (the spec's port; the reference uses 2×1000). The ELBO (2048 sequences) against the
+  exact log evidence of the same Euler-discretised linear model (X is linear in the
+  increments and Y₀: a Jacobian gives it exactly), and of the continuous MA model (Kalman,
+  :func:`ppl.inference.fbm.kalman_log_likelihood`); the max over the grid of |sd of 2048
+  posterior paths − exact posterior sd|, as a fraction of the peak exact sd. Goals (H ≥ ½):
+  gap < 0.3 nats, sd error < 10 % of the peak; H < ½ is reported separately. The ω horizon
+  is the window T = 2 (the reference optimises ω on [0, 6]).
+* **B2: Hurst recovery by VI.** 64 fOU paths (θ = 1, σ = 1, 48 observations on (0, 2.4] with
+  sd 0.05, type I, :func:`ppl.models.fbm_sde.simulate_fou`) for H ∈ {0.3, 0.5, 0.7}; a
+  :class:`~ppl.models.fbm_sde.LatentSDE` with an OU drift (θ learned), a learned σ and a
+  learned H (γ_max = 10, dt = 1/30), 1500 Adam steps at 3e-3 on the DSL ELBO, against the
+  exact-BM model (``hurst="bm"``) on the held-out ELBO of 32 new paths. Goal: |Ĥ − H| ≤ 0.05;
+  MA-fBM beats BM on held-out ELBO when H ≠ ½. The Kalman MLE of H (θ, σ fixed at the truth)
+  is printed as the no-network reference.
+* **Speed** (the B2 problem at H = 0.7, batch 64): time per training step (value, gradient and
+  Adam update, one jitted call, median over repeats; compile time apart) of ours (the DSL
+  ELBO: Euler in ``lax.scan`` with the exact Girsanov density ratio of the controlled
+  increments), of the reference loss with Euler and an integrated KL, and of the reference
+  design (diffrax Stratonovich–Milstein, virtual Brownian tree, KL as an ODE state). Equal
+  accuracy: the reference design is trained for the same number of steps and its Ĥ and
+  held-out ELBO printed next to ours. Goal ≥ 3× faster.
+* **B3: mini-video** (:mod:`ppl.models.fbm_video`): a blob following a 2-d fOU process
+  (H ∈ {0.3, 0.7}), 32×32, 20 frames; a conv encoder/decoder latent SDE (D = 2, K = 5,
+  γ_max = 10, 3 sub-steps per frame) trained on 128 clips in minibatches of 16; MA-fBM
+  (learned H) vs BM on the test ELBO (32 clips) and the reconstruction MSE of the posterior
+  paths' frames against the clean frames. Goal: learned H within ±0.1.
+
+Run: ``python benchmarks/fbm.py`` (full, about half an hour on 2 CPU cores), ``--quick``
+(a smoke run), ``--only b1|b2|speed|b3`` (repeatable), ``--steps N`` (override every
+training length). Nothing is CPU-specific: on a GPU the same script runs as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+from _report import fmt, header, machine_line, secs, table, timed
+from numpyro import handlers
+
+import ppl
+from ppl.dsl import constrain
+from ppl.inference import SVI
+from ppl.inference.fbm import hurst_mle, kalman_log_likelihood
+from ppl.models.fbm_sde import LatentSDE, simulate_fou
+from ppl.models.fbm_video import simulate_video, video_sde
+from ppl.transforms.fbm import markov_sde
+
+# ------------------------------------------------------------------------------ shared
+
+
+def train(sde, ts, ys, steps, lr, seed=0, batches=None):
+    """SVI on the DSL ELBO. Returns ``(result, compile seconds, seconds per step)``."""
+    svi = SVI(sde.model, sde.guide, optax.adam(lr))
+    first = batches[0] if batches is not None else (ts, ys)
+    state = svi.init(jax.random.PRNGKey(seed), *first)
+    (state, _), t_first = timed(svi.update, state, *first)
+    start = time.perf_counter()
+    if batches is None:
+        res = svi.run(None, steps - 1, ts, ys, init_state=state, progress_bar=False)
+    else:
+        res = svi.run(None, steps - 1, init_state=state, progress_bar=False,
+                      batches=iter(batches[1:]))  # fmt: skip
+    jax.block_until_ready(res.losses)
+    per_step = (time.perf_counter() - start) / max(steps - 1, 1)
+    return res, max(t_first - per_step, 0.0), per_step
+
+
+def elbo_per_sequence(sde, params, ts, ys, keys=8, seed=100):
+    """Mean and standard error of the ELBO per sequence over ``keys`` independent draws."""
+    f = jax.jit(ppl.value_and_grad(ppl.objectives.elbo, sde.model, sde.guide))
+    vals = [
+        float(f(params, jax.random.PRNGKey(seed + i), ts, ys)[0]) / ys.shape[0] for i in range(keys)
+    ]
+    return float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(keys))
+
+
+# ------------------------------------------------------------------------------ B1
+
+
+def bridge(hurst, width):
+    return LatentSDE(
+        dim=1, hurst=hurst, drift=lambda t, x: 0.0 * x,
+        diffusion=lambda t, x: jnp.ones_like(x), x0=0.0, horizon=2.0, dt=0.01,
+        gamma_max=20.0, obs_sd=0.1, width=width,
+    )  # fmt: skip
+
+
+def bridge_exact(sde, hurst):
+    """Exact log evidence and posterior sd of X on the Euler grid of the discretised bridge.
+
+    X on the grid is linear in z = (ΔW/√dt, ε) with Y₀ = L ε: X = A z, o = A[-1] z + 0.1 ξ.
+    """
+    m = markov_sde(sde.drift, sde.diffusion, hurst, num_ou=5, gamma_max=20.0, horizon=2.0)
+    n, dt = round(2.0 / sde.dt), sde.dt
+    tril = m.y0_scale_tril()
+
+    def path(z):
+        dw = z[:n, None] * math.sqrt(dt)
+        y0 = (tril @ z[n:])[None, :]
+        return m.euler(jnp.zeros(1), y0, dw, dt)[0][:, 0]  # [n + 1]
+
+    a = np.asarray(jax.jacfwd(path)(jnp.zeros(n + 5)), dtype=np.float64)  # [n+1, n+5]
+    var_t = float(a[-1] @ a[-1]) + sde.obs_sd**2
+    evidence = -0.5 * math.log(2 * math.pi * var_t)
+    prior_var = np.sum(a * a, axis=1)
+    post_var = prior_var - (a @ a[-1]) ** 2 / var_t
+    return evidence, np.sqrt(np.maximum(post_var, 0.0))
+
+
+def posterior_paths(sde, params, num, seed=7):
+    """``num`` guide paths of the bridge on the Euler grid ``[n + 1, num]``."""
+    ts, ys = jnp.array([2.0]), jnp.zeros((num, 1, 1))
+    con = ppl.constrain_params(params, sde.model, sde.guide, ts, ys)
+    return np.asarray(sde.paths(con, jax.random.PRNGKey(seed), ts, ys)[1][..., 0])
+
+
+def b1(hursts, steps, width=128, lr=1e-3, batch=32):
+    header(
+        "B1: fBM bridge (θ = 0, σ = 1, type I, K = 5, γ_max = 20, dt = 0.01, X₂ = 0 ± 0.1)",
+        [
+            f"control MLP 2×{width}, batch {batch}, {steps} Adam steps at {lr:g}; ELBO per "
+            "sequence from 8 × 256 sequences (± s.e.); sd error from 2048 guide paths.",
+            "exact (Euler): evidence of the discretised model the ELBO bounds; exact (cont.): "
+            "Kalman evidence of the continuous MA model.",
+        ],
+    )
+    rows = []
+    for h in hursts:
+        sde = bridge(h, width)
+        ts = jnp.array([2.0])
+        res, t_comp, t_step = train(sde, ts, jnp.zeros((batch, 1, 1)), steps, lr)
+        params = res.state.params  # unconstrained
+        elbo, se = elbo_per_sequence(sde, params, ts, jnp.zeros((256, 1, 1)))
+        ev, sd_exact = bridge_exact(sde, h)
+        with jax.enable_x64(True):
+            ev_c = float(kalman_log_likelihood(np.array([2.0]), np.zeros((1, 1)), 0.1, h,
+                         fbm_type="I", gamma_max=20.0, horizon=2.0)[0])  # fmt: skip
+        sd_emp = np.std(posterior_paths(sde, params, 2048), axis=1)
+        err = float(np.max(np.abs(sd_emp - sd_exact)) / np.max(sd_exact))
+        gap = ev - elbo
+        ok = "yes" if gap < 0.3 and err < 0.1 else "NO"
+        rows.append([
+            f"{h:g}", f"{t_step * 1e3:.1f} ms", secs(t_comp), f"{elbo:.3f} ± {se:.3f}",
+            f"{ev:.3f}", f"{ev_c:.3f}", f"{gap:.3f}", f"{np.max(sd_exact):.3f}",
+            f"{100 * err:.1f} %", ok if h >= 0.5 else f"({ok}; H < ½, reported only)",
+        ])  # fmt: skip
+    table(
+        ["H", "step", "compile", "ELBO", "exact (Euler)", "exact (cont.)", "gap (nats)",
+         "peak sd", "max sd error / peak", "goal met"],
+        rows,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ B2
+
+
+def fou_model(hurst, width=64):
+    return LatentSDE(dim=1, hurst=hurst, drift="ou", horizon=2.4, width=width, obs_sd=0.05)
+
+
+def b2(hursts, steps, lr=3e-3):
+    header(
+        "B2: Hurst recovery by VI (64 fOU paths, θ = σ = 1, 48 obs on (0, 2.4], sd 0.05)",
+        [
+            f"LatentSDE(drift='ou', σ learned, H learned; γ_max = 10, dt = 1/30), {steps} Adam "
+            f"steps at {lr:g}; held-out ELBO per sequence on 32 new paths (8 draws, ± s.e.).",
+        ],
+    )
+    rows = []
+    for h in hursts:
+        d, held = simulate_fou(1, hurst=h, num_paths=64), simulate_fou(2, hurst=h, num_paths=32)
+        ts, ys = jnp.asarray(d["ts"]), jnp.asarray(d["ys"])
+        ys_h = jnp.asarray(held["ys"])
+        out = {}
+        for label, hurst in (("fbm", None), ("bm", "bm")):
+            sde = fou_model(hurst)
+            res, _, t_step = train(sde, ts, ys, steps, lr)
+            params = res.state.params
+            out[label] = (sde.hurst_value(res.params), *elbo_per_sequence(sde, params, ts, ys_h))
+        h_mle = hurst_mle(d["ts"], d["ys"][..., 0], 0.05, fbm_type="I", gamma_max=10.0,
+                          drift_rate=1.0)  # fmt: skip
+        h_vi = out["fbm"][0]
+        diff = out["fbm"][1] - out["bm"][1]
+        better = "—" if h == 0.5 else ("yes" if diff > 0 else "NO")
+        rows.append([
+            f"{h:g}", fmt(h_vi, 3), fmt(abs(h_vi - h), 3),
+            "yes" if abs(h_vi - h) <= 0.05 else "NO", fmt(h_mle, 3),
+            f"{out['fbm'][1]:.3f} ± {out['fbm'][2]:.3f}",
+            f"{out['bm'][1]:.3f} ± {out['bm'][2]:.3f}",
+            f"{diff:+.3f}", better, f"{t_step * 1e3:.1f} ms",
+        ])  # fmt: skip
+    table(
+        ["H", "Ĥ (VI)", "|Ĥ − H|", "≤ 0.05", "Ĥ (Kalman MLE)", "held-out ELBO MA-fBM",
+         "held-out ELBO BM", "MA − BM", "MA-fBM better", "step"],
+        rows,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ speed
+
+
+def reference_step(sde, solver, lr, ts, ys):
+    """A jitted (loss, grad, Adam) step of :meth:`LatentSDE.girsanov_loss` with ``solver``."""
+    init = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    positive = {"sigma", "theta", "x0_scale"}
+    opt = optax.adam(lr)
+
+    def loss(u, key):
+        con = {k: constrain(v, dist.constraints.positive) if k in positive else v
+               for k, v in u.items()}  # fmt: skip
+        return sde.girsanov_loss(con, key, ts, ys, solver=solver)
+
+    @jax.jit
+    def step(u, opt_state, key):
+        value, g = jax.value_and_grad(loss)(u, key)
+        updates, opt_state = opt.update(g, opt_state, u)
+        return optax.apply_updates(u, updates), opt_state, value
+
+    return init, opt.init(init), step
+
+
+def dsl_step(sde, lr, ts, ys):
+    svi = SVI(sde.model, sde.guide, optax.adam(lr))
+    state = svi.init(jax.random.PRNGKey(0), ts, ys)
+    return state, jax.jit(svi.update)
+
+
+def step_times(call, state, repeats):
+    """Compile (first call minus a steady call) and the median steady time of ``call``."""
+    state, t_first = timed(call, state)
+    times = []
+    for _ in range(repeats):
+        state, dt = timed(call, state)
+        times.append(dt)
+    med = float(np.median(times))
+    return state, max(t_first - med, 0.0), med
+
+
+def speed(steps, repeats, lr=3e-3):
+    header(
+        "Speed: time per training step, the B2 problem (H = 0.7, 64 paths × 48 obs, "
+        "dt = 1/30, 72 steps)",
+        [
+            f"median of {repeats} steps after compilation; equal accuracy: both trained "
+            f"{steps} steps, Ĥ and the held-out ELBO (the DSL ELBO of the trained params on 32 "
+            "new paths).",
+        ],
+    )
+    d, held = simulate_fou(1, hurst=0.7, num_paths=64), simulate_fou(2, hurst=0.7, num_paths=32)
+    ts, ys, ys_h = jnp.asarray(d["ts"]), jnp.asarray(d["ys"]), jnp.asarray(held["ys"])
+    sde = fou_model(None)
+    rows = []
+    # ours: the DSL ELBO (Euler in lax.scan, exact Girsanov ratio of the increments)
+    state, update = dsl_step(sde, lr, ts, ys)
+    _, t_comp, t_ours = step_times(lambda s: update(s, ts, ys)[0], state, repeats)
+    res, _, _ = train(sde, ts, ys, steps, lr)
+    params = res.state.params
+    elbo = elbo_per_sequence(sde, params, ts, ys_h)
+    h_ours = fmt(sde.hurst_value(res.params), 3)
+    rows.append(["ours: DSL ELBO, Euler + lax.scan", f"{t_ours * 1e3:.1f} ms", secs(t_comp),
+                 "1.00×", h_ours, f"{elbo[0]:.3f} ± {elbo[1]:.3f}"])  # fmt: skip
+    for solver, label in (
+        ("euler", "reference loss, Euler + integrated KL"),
+        ("milstein", "reference design: diffrax Stratonovich–Milstein + VBT"),
+    ):
+        u, opt_state, step = reference_step(sde, solver, lr, ts, ys)
+        keys = iter(jax.random.split(jax.random.PRNGKey(1), steps + repeats + 1))
+        call = lambda s: step(*s[:2], next(keys))  # noqa: E731
+        s, t_comp, t_ref = step_times(call, (u, opt_state, 0.0), repeats)
+        cell_h, cell_e = "–", "–"
+        if solver == "milstein":
+            u, opt_state = s[0], s[1]
+            for _ in range(steps - repeats - 1):
+                u, opt_state, _ = step(u, opt_state, next(keys))
+            h = float(jnp.clip(jax.nn.sigmoid(u["hurst_raw"]), 1e-3, 1 - 1e-3))
+            e = elbo_per_sequence(sde, u, ts, ys_h)
+            cell_h, cell_e = fmt(h, 3), f"{e[0]:.3f} ± {e[1]:.3f}"
+        rows.append([label, f"{t_ref * 1e3:.1f} ms", secs(t_comp), f"{t_ref / t_ours:.2f}×",
+                     cell_h, cell_e])  # fmt: skip
+    table(["step", "time / step", "compile", "time vs ours", "Ĥ", "held-out ELBO"], rows)
+    print(f"\nours vs the reference design: {float(rows[-1][3][:-1]):.2f}× faster (goal ≥ 3×)")
+
+
+# ------------------------------------------------------------------------------ B3
+
+
+def b3(hursts, steps, batch=16, num_train=128, num_test=32):
+    header(
+        "B3: mini-video (blob on a 2-d fOU path, 32×32, 20 frames, frame dt 0.1)",
+        [
+            f"video_sde (conv encoder/decoder, D = 2, K = 5, γ_max = 10, dt = 1/30), {steps} "
+            f"Adam steps at 3e-3 on minibatches of {batch} from {num_train} clips; test ELBO "
+            f"per clip on {num_test} new clips; MSE of the frames of 16 posterior paths' "
+            "mean against the clean test frames (per pixel).",
+        ],
+    )
+    rows = []
+    for h in hursts:
+        tr = simulate_video(10, hurst=h, num_sequences=num_train)
+        te = simulate_video(11, hurst=h, num_sequences=num_test)
+        ts = jnp.asarray(tr["ts"])
+        ys = np.asarray(tr["ys"])
+        rng = np.random.default_rng(0)
+        batches = [
+            (ts, jnp.asarray(ys[rng.choice(num_train, batch, replace=False)])) for _ in range(steps)
+        ]
+        for label, hurst in (("MA-fBM", None), ("BM", "bm")):
+            sde = video_sde(hurst=hurst, horizon=float(ts[-1]))
+            res, t_comp, t_step = train(sde, None, None, steps, 3e-3, batches=batches)
+            params = res.state.params
+            elbo, se = elbo_per_sequence(sde, params, ts, jnp.asarray(te["ys"]), keys=4)
+            mse = reconstruction_mse(sde, res.params, ts, te)
+            rows.append([
+                f"{h:g}", label, fmt(sde.hurst_value(res.params), 3), f"{elbo:.1f} ± {se:.1f}",
+                f"{mse:.2e}", f"{t_step * 1e3:.0f} ms", secs(t_comp),
+            ])  # fmt: skip
+    table(["H", "model", "Ĥ", "test ELBO / clip", "recon. MSE", "step", "compile"], rows)
+
+
+def reconstruction_mse(sde, params_c, ts, data, draws=16):
+    """Per-pixel MSE of the decoded mean of ``draws`` posterior paths vs the clean frames."""
+    ys = jnp.asarray(data["ys"])
+    xs = []
+    for i in range(draws):
+        tr = handlers.trace(handlers.seed(handlers.substitute(sde.guide, params_c), 50 + i))
+        tr = tr.get_trace(ts, ys)
+        xs.append(tr["x"]["value"])
+    mean_x = jnp.mean(jnp.stack(xs), axis=0)  # [B, T, D]
+    with handlers.substitute(data=params_c):
+        frames = sde._decode(mean_x)
+    return float(jnp.mean((frames - jnp.asarray(data["frames"])) ** 2))
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run (short training)")
+    parser.add_argument("--only", action="append", choices=("b1", "b2", "speed", "b3"))
+    parser.add_argument("--steps", type=int, default=None, help="override training lengths")
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps (speed)")
+    args = parser.parse_args(argv)
+    only = set(args.only or ("b1", "b2", "speed", "b3"))
+    q = args.quick
+    print("# fBM latent-SDE benchmarks\n")
+    print(machine_line())
+    start = time.perf_counter()
+    if "b1" in only:
+        b1((0.7, 0.5, 0.3), args.steps or (200 if q else 2000))
+    if "b2" in only:
+        b2((0.3, 0.5, 0.7), args.steps or (150 if q else 1500))
+    if "speed" in only:
+        speed(args.steps or (60 if q else 1500), 10 if q else args.repeats)
+    if "b3" in only:
+        b3((0.3, 0.7), args.steps or (20 if q else 300))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
