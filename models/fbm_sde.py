@@ -189,6 +189,9 @@ class LatentSDE:
     :param context_dim: the encoder's output size C (with ``encoder``).
     :param x0: ``None`` (p(x₀) = N(m₀, s₀²) with learned m₀, s₀ and an amortised q(x₀)) or
         a fixed start ``[D]`` (no x₀ site), e.g. 0 for a bridge.
+    :param kl_gradient: ``"exact"`` (unbiased for every objective) or ``"expected"`` (the
+        gradient of the Girsanov expectation ½∫‖u‖²dt: lower variance, for the ELBO only;
+        see :class:`~ppl.transforms.fbm.ControlledIncrements`).
     :param seed: the PRNG seed of the network initialisation.
     """
 
@@ -208,6 +211,7 @@ class LatentSDE:
     decoder: Any = None
     context_dim: int | None = None
     x0: Any = None
+    kl_gradient: str = "exact"
     seed: int = 0
     nets: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -226,6 +230,8 @@ class LatentSDE:
                 f"dt = {self.dt:g} violates the guard γ_max·dt < 0.5 (γ_max = "
                 f"{self.gamma_max:g}): use dt < {0.5 / self.gamma_max:.3g}"
             )
+        if self.kl_gradient not in ("exact", "expected"):
+            raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {self.kl_gradient!r}")
         if not self.obs_sd > 0:
             raise ValueError(f"obs_sd must be > 0, got {self.obs_sd}")
         obs_dim = self.dim if self.obs_dim is None else int(self.obs_dim)
@@ -314,6 +320,7 @@ class LatentSDE:
             gamma_max=self.gamma_max,
             horizon=self.horizon,
             exact_bm=self.hurst == "bm",
+            kl_gradient=self.kl_gradient,
         )
 
     # ----------------------------------------------------------------- programs
@@ -660,6 +667,9 @@ def _build(opts) -> Problem:
         drift="mlp",
         obs_sd=data["obs_sd"],
         width=opts.width,
+        # the ELBO's gradient of the Girsanov expectation (lower variance; unbiased for the
+        # ELBO only): importance-weighted objectives keep the exact density-ratio gradient
+        kl_gradient="expected" if getattr(opts, "objective", "elbo") == "elbo" else "exact",
         seed=opts.seed if hasattr(opts, "seed") else 0,
     )
     ts_j, ys_j = jnp.asarray(ts), jnp.asarray(data["ys"])

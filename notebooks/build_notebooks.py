@@ -790,13 +790,19 @@ X_0 = 0, dX = dB^H (H = 0.7, type I), and X_2 = 0 observed with sd 0.1. The prio
 and Gaussian, so the posterior of the MA model is known exactly
 (`ppl.inference.fbm.posterior_marginals`, a Kalman computation on the augmented state) and
 so is the log evidence (`kalman_log_likelihood`). The variational posterior is the same SDE
-with a control MLP; `LatentSDE.paths` returns its paths on the whole Euler grid.""",
+with a control MLP; `LatentSDE.paths` returns its paths on the whole Euler grid.
+
+`kl_gradient="expected"` keeps the ELBO's value but differentiates the Girsanov expectation
+½∫u²dt instead of the sampled density ratio (it drops a zero-mean martingale term from the
+gradient): much lower variance, unbiased for the ELBO, but biased for importance-weighted
+objectives, which is why `"exact"` is the default.""",
     ),
     (
         "code",
         """bridge = LatentSDE(
     dim=1, hurst=0.7, drift=lambda t, x: 0.0 * x, diffusion=lambda t, x: jnp.ones_like(x),
     x0=0.0, horizon=2.0, dt=0.01, gamma_max=20.0, obs_sd=0.1, width=16 if FAST else 128,
+    kl_gradient="expected",  # the ELBO's low-variance path gradient (see the note above)
 )
 ts_b, ys_b = jnp.array([2.0]), jnp.zeros((32, 1, 1))
 svi = SVI(bridge.model, bridge.guide, optax.adam(1e-3))
@@ -862,7 +868,9 @@ chunks, per_chunk = (3, 30) if FAST else (15, 100)
 fits = {}
 models = (("MA-fBM", None),) if FAST else (("MA-fBM", None), ("BM", "bm"))
 for label, hurst in models:
-    sde = LatentSDE(dim=1, hurst=hurst, drift="ou", horizon=2.4, obs_sd=0.05)
+    sde = LatentSDE(
+        dim=1, hurst=hurst, drift="ou", horizon=2.4, obs_sd=0.05, kl_gradient="expected"
+    )
     svi = SVI(sde.model, sde.guide, optax.adam(3e-3))
     state, trail = None, []
     for _ in range(chunks):
@@ -909,7 +917,7 @@ fig.suptitle("one training clip (H = 0.7)")""",
         "code",
         """ts_v = jnp.asarray(video["ts"])
 small = {"features": 8, "width": 16} if FAST else {}
-vsde = video_sde(horizon=float(ts_v[-1]), size=size, **small)
+vsde = video_sde(horizon=float(ts_v[-1]), size=size, kl_gradient="expected", **small)
 rng = np.random.default_rng(0)
 num_steps, batch = (3, 4) if FAST else (300, 16)
 batches = [(ts_v, jnp.asarray(video["ys"][rng.choice(n_clips, batch, replace=False)]))

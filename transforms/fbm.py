@@ -789,6 +789,13 @@ class ControlledIncrements(dist.Distribution):
     :param sde: a :class:`MarkovSDE`.
     :param x0: the start ``[*batch, D]``; ``y0``: ``[*batch, D, K]``.
     :param num_steps: N; ``dt``: the step; ``control``: u(t, x, y) ``-> [*batch, D]``.
+    :param kl_gradient: ``"exact"`` (default): a drawn value's log density is differentiated
+        as it is, so the gradient of log p − log q carries the zero-mean martingale term
+        −Σ ξ_n ∂u_n (ξ_n the Brownian part of ΔW̃_n), unbiased for every objective.
+        ``"expected"``: the same value, with that term removed from the gradient, so the
+        ELBO's gradient is that of the Girsanov expectation ½Σ u_n² dt (the reference's
+        estimator): lower variance, unbiased for the ELBO (any number of averaged
+        particles), **biased** for IWELBO/Rényi, whose weights correlate with ξ.
 
     Batch shape ``batch``, event shape ``[N, D]`` (values ``[*batch, N, D]``).
     """
@@ -797,11 +804,14 @@ class ControlledIncrements(dist.Distribution):
     support = dist.constraints.real
     has_rsample = True
     pytree_data_fields = ()
-    pytree_aux_fields = ("sde", "x0", "y0", "num_steps", "dt", "control")
+    pytree_aux_fields = ("sde", "x0", "y0", "num_steps", "dt", "control", "kl_gradient")
 
-    def __init__(self, sde, x0, y0, num_steps, dt, control=None):
+    def __init__(self, sde, x0, y0, num_steps, dt, control=None, kl_gradient="exact"):
+        if kl_gradient not in ("exact", "expected"):
+            raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {kl_gradient!r}")
         self.sde, self.x0, self.y0 = sde, jnp.asarray(x0), jnp.asarray(y0)
         self.num_steps, self.dt, self.control = int(num_steps), float(dt), control
+        self.kl_gradient = kl_gradient
         batch, d = jnp.shape(self.x0)[:-1], jnp.shape(self.x0)[-1]
         super().__init__(batch_shape=batch, event_shape=(self.num_steps, d))
 
@@ -811,11 +821,16 @@ class ControlledIncrements(dist.Distribution):
         dt, sde, control = self.dt, self.sde, self.control
         log_norm = -0.5 * math.log(2 * math.pi * dt)
 
+        expected = add_drift and self.kl_gradient == "expected"
+
         def step(carry, d):
             x, y, t, lp = carry
             u = control(t, x, y) if control is not None else jnp.zeros_like(x)
             dw = d + u * dt if add_drift else d
             lp = lp + jnp.sum(log_norm - 0.5 * (dw - u * dt) ** 2 / dt, axis=-1)
+            if expected:  # value unchanged; gradient −Σ ξ ∂u cancels the martingale in log p
+                m = jnp.sum(d * u, axis=-1)
+                lp = lp - m + jax.lax.stop_gradient(m)
             x, y = sde.step(t, x, y, dw, dt)
             return (x, y, t + dt, lp), (dw, x)
 
@@ -903,6 +918,8 @@ class markov_fbm(Messenger):
     :param horizon: T of the ω optimisation; default: the last observation time.
     :param exact_bm: at H = ½, exactly Brownian motion (γ = [0], ω = [1]).
     :param unit_variance: target unit-variance fBM instead of the Γ-normalised one.
+    :param kl_gradient: ``"exact"`` or ``"expected"`` (the ELBO-only, lower-variance path
+        gradient): see :class:`ControlledIncrements`.
 
     Example (an fOU prior; the guide would pass ``control=``):
 
@@ -925,8 +942,11 @@ class markov_fbm(Messenger):
         horizon: float | None = None,
         exact_bm: bool = False,
         unit_variance: bool = False,
+        kl_gradient: str = "exact",
     ):
         gamma_grid(num_ou, gamma_max)  # validates both
+        if kl_gradient not in ("exact", "expected"):
+            raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {kl_gradient!r}")
         if horizon is not None:
             _check_horizon(horizon)
         self.config = dict(
@@ -935,6 +955,7 @@ class markov_fbm(Messenger):
             horizon=horizon,
             exact_bm=bool(exact_bm),
             unit_variance=bool(unit_variance),
+            kl_gradient=kl_gradient,
         )
         super().__init__(fn)
 
@@ -979,7 +1000,7 @@ class markov_fbm(Messenger):
         if control is None:
             law = dist.Normal(0.0, math.sqrt(dt)).expand((*batch, num_steps, d)).to_event(2)
         else:
-            law = ControlledIncrements(sde, x0, y0, num_steps, dt, control)
+            law = ControlledIncrements(sde, x0, y0, num_steps, dt, control, cfg["kl_gradient"])
         inc = numpyro.sample(f"{name}.dW", law)
         if control is None:
             xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
