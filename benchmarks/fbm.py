@@ -4,7 +4,8 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
 
 * **B1: the fBM bridge.** X₀ = 0, dX = dB^H (θ = 0, σ = 1, type I, K = 5, γ_max = 20), X₂ = 0
   observed with sd 0.1, Euler dt = 0.01, a 2×128 control MLP, batch 32, 2000 Adam steps at
-  1e-3 (the spec's port; the reference uses 2×1000). The ELBO (2048 sequences) against the
+  3e-3 (the spec's port uses 1e-3, which leaves ours at a 0.30-nat gap and a 16 % sd error
+  after 2000 steps; the reference uses a 2×1000 MLP). The ELBO (2048 sequences) against the
   exact log evidence of the same Euler-discretised linear model (X is linear in the
   increments and Y₀: a Jacobian gives it exactly), and of the continuous MA model (Kalman,
   :func:`ppl.inference.fbm.kalman_log_likelihood`); the max over the grid of |sd of 2048
@@ -128,7 +129,7 @@ def posterior_paths(sde, params, num, seed=7):
     return np.asarray(sde.paths(con, jax.random.PRNGKey(seed), ts, ys)[1][..., 0])
 
 
-def b1(hursts, steps, width=128, lr=1e-3, batch=32):
+def b1(hursts, steps, width=128, lr=3e-3, batch=32):
     header(
         "B1: fBM bridge (θ = 0, σ = 1, type I, K = 5, γ_max = 20, dt = 0.01, X₂ = 0 ± 0.1)",
         [

@@ -19,6 +19,7 @@ MODULES = [
     "ppl.inference.fbm",
     "ppl.models.nngp",
     "ppl.models.fbm_sde",
+    "ppl.models.fbm_video",
     "ppl.distributions",
 ]
 
