@@ -15,7 +15,7 @@ _EXPORTS = {
 }
 
 #: Algorithm modules reachable as attributes (``ppl.inference.sbl``).
-_SUBMODULES = ("fbm", "nngp", "sbl")
+_SUBMODULES = ("fbm", "funbat", "kalman", "nngp", "sbl")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -555,9 +555,10 @@ def fit(key, model, indexes, y, config: FunBaTConfig | None = None) -> FunBaTRes
             if best is None or rmse < best[0]:
                 best = (rmse, s, hist, it, bool(done))
         _, s, hist, it, done = best
+        s = jax.tree.map(jnp.asarray, s)  # float64 device arrays (inside x64)
     idx = np.asarray(indexes, np.float64)
     return FunBaTResult(
-        state=jax.tree.map(jnp.asarray, s),
+        state=s,
         data=data,
         config=config,
         history=hist,
@@ -600,6 +601,21 @@ def latent(result: FunBaTResult, k: int, x):
         return mean @ H.T, H @ cov @ H.T
 
 
+@jax.jit
+def _second_moment(SW, mW, mus, Vs):
+    """``tr((Σ_W + m_W m_Wᵀ) ⊗_k (V_k + μ_k μ_kᵀ))`` per entry, in chunks (lax.map)."""
+    B = SW + jnp.outer(mW, mW)
+    P = B.shape[0]
+    chunk = int(max(1, min(mus[0].shape[0], _CHUNK_FLOATS // (P * P))))
+
+    def second(args):
+        m, v = args
+        S = _kron_rows([vk[None] + jnp.outer(mk, mk)[None] for mk, vk in zip(m, v, strict=True)])
+        return jnp.sum(B * S[0])
+
+    return lax.map(second, (mus, Vs), batch_size=chunk)
+
+
 def predict(result: FunBaTResult, new_indexes):
     """Predictive mean and variance of entries at ``new_indexes f[M, K]``.
 
@@ -620,21 +636,7 @@ def predict(result: FunBaTResult, new_indexes):
         s = result.state
         pos = jnp.tile(jnp.arange(x.shape[0])[:, None], (1, K))
         mean = _predictions(s.mW, list(mus), pos, result.config.ranks)
-        B = s.SW + jnp.outer(s.mW, s.mW)
-        P = B.shape[0]
-        chunk = int(max(1, min(x.shape[0], _CHUNK_FLOATS // (P * P))))
-
-        def second(args):
-            m, v = args
-            S = _kron_rows(
-                [
-                    vk[None] + jnp.einsum("a,b->ab", mk, mk)[None]
-                    for mk, vk in zip(m, v, strict=True)
-                ]
-            )
-            return jnp.sum(B * S[0])
-
-        ef2 = lax.map(second, (mus, Vs), batch_size=chunk)
+        ef2 = _second_moment(s.SW, s.mW, mus, Vs)
         noise = s.b / (s.a - 1.0)
         return mean, jnp.maximum(ef2 - mean**2, 0.0) + noise
 

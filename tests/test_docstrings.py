@@ -20,6 +20,10 @@ MODULES = [
     "ppl.models.nngp",
     "ppl.models.fbm_sde",
     "ppl.distributions",
+    "ppl.transforms.state_space",
+    "ppl.inference.kalman",
+    "ppl.inference.funbat",
+    "ppl.models.funbat",
 ]
 
 
