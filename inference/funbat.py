@@ -96,7 +96,9 @@ class FunBaTConfig:
     :param int num_iters: most CEP sweeps per run.
     :param float tol: stop when ``max|Δ train prediction| / sd(y) < tol``.
     :param str schedule: ``"per_mode"`` (the only one: modes in turn, then core, then τ).
-    :param str smoother: ``"sequential"`` (``lax.scan``) or ``"parallel"`` (associative scan).
+    :param str smoother: ``"sequential"`` (``lax.scan``) or ``"parallel"`` (associative scan);
+        ``"dense"``: the same update by dense GP algebra, O((n_k R_k)³) -- a baseline for
+        benchmarks only (it does not keep the chain, so :func:`predict` is unavailable).
     :param float init_core_var: initial ``Σ_W = init_core_var · I`` (spec §1.4: 1e-2).
     :param init_tau: initial ``E[τ]``: ``"10/var(y)"`` (spec §1.4) or a positive number.
     :param bool reference_compat: the reference code's D3 (an extra ``N(0, I)`` factor on
@@ -131,8 +133,10 @@ class FunBaTConfig:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
         if self.schedule != "per_mode":
             raise ValueError(f"schedule must be 'per_mode', got {self.schedule!r}")
-        if self.smoother not in ("sequential", "parallel"):
-            raise ValueError(f"smoother must be 'sequential' or 'parallel', got {self.smoother!r}")
+        if self.smoother not in ("sequential", "parallel", "dense"):
+            raise ValueError(
+                f"smoother must be 'sequential', 'parallel' or 'dense', got {self.smoother!r}"
+            )
         if not (self.init_core_var > 0):
             raise ValueError(f"init_core_var must be > 0, got {self.init_core_var}")
         if self.init_tau != "10/var(y)" and not (
@@ -371,6 +375,21 @@ def _unfold_cov(SW, ranks, k):
     return S.reshape(ranks[k], P, ranks[k], P)
 
 
+def _dense_update(kernel, grid, lam, eta):
+    """Dense-GP version of the factor update: ``q(u) ∝ N(u | 0, K ⊗ I_R) Π_s exp(η_sᵀu_s −
+    ½u_sᵀΛ_s u_s)`` on the ``[n, R]`` values (row-major), ``C = K̃ (I + Λ̃ K̃)⁻¹``."""
+    n, R = eta.shape
+    Kf = jnp.kron(kernel(grid, grid), jnp.eye(R))
+    Lf = jnp.zeros((n, R, n, R)).at[jnp.arange(n), :, jnp.arange(n), :].set(lam)
+    Lf = Lf.reshape(n * R, n * R)
+    C = jnp.linalg.solve((jnp.eye(n * R) + Lf @ Kf).T, Kf.T).T  # K̃ (I + Λ̃K̃)⁻¹
+    C = 0.5 * (C + C.T)
+    m = C @ eta.reshape(-1)
+    Cb = C.reshape(n, R, n, R)
+    V = Cb[jnp.arange(n), :, jnp.arange(n), :]
+    return m.reshape(n, R), V
+
+
 def _predictions(mW, mu, pos, ranks):
     out = mW.reshape(ranks)[None]
     for k in range(len(ranks)):
@@ -474,6 +493,9 @@ def step(state: FunBaTState, data: FunBaTData, config: FunBaTConfig):
         lam[k] = rho_u * lam[k] + (1 - rho_u) * 0.5 * (lam_new + jnp.swapaxes(lam_new, 1, 2))
         eta[k] = rho_u * eta[k] + (1 - rho_u) * eta_new
         H = data.H[k]
+        if config.smoother == "dense":
+            mu[k], V[k] = _dense_update(config.kernels[k], data.grids[k], lam[k], eta[k])
+            continue
         m_s, P_s, cr = kalman.smoother(
             data.A[k], data.Q[k], H, lam[k], eta[k], parallel=config.smoother == "parallel"
         )
