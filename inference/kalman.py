@@ -186,10 +186,38 @@ def _filter_op(ei, ej):
     return A, b, C, e, J
 
 
+def _doubling_scan(op, elems, reverse=False):
+    """Inclusive scan of an associative ``op`` by recursive doubling (Hillis–Steele): ⌈log₂ n⌉
+    rounds in a ``fori_loop``, each applying ``op`` to all n elements at once. Depth O(log n),
+    work O(n log n); ``op`` is compiled once (``lax.associative_scan`` inlines it 2 log₂ n
+    times, which takes tens of seconds to compile for these matrix operators). With
+    ``reverse`` the result at i combines elements i..n-1, and ``op(later, earlier)``."""
+    if reverse:
+        elems = jax.tree.map(lambda x: jnp.flip(x, 0), elems)
+    n = jax.tree.leaves(elems)[0].shape[0]
+    rounds = max(1, math.ceil(math.log2(max(n, 2))))
+    idx = jnp.arange(n)
+
+    def body(r, x):
+        shift = 2**r
+        src = jnp.maximum(idx - shift, 0)
+        prev = jax.tree.map(lambda a: a[src], x)
+        new = op(prev, x)
+        keep = idx >= shift
+        return jax.tree.map(
+            lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, x
+        )
+
+    out = lax.fori_loop(0, rounds, body, elems)
+    if reverse:
+        out = jax.tree.map(lambda x: jnp.flip(x, 0), out)
+    return out
+
+
 @jax.jit
 def _filter_par(A, Q, H, lam, eta, m0, P0):
     elems = _filter_elements(A, Q, H, lam, eta, m0, P0)
-    _, m, P, _, _ = lax.associative_scan(_filter_op, elems)
+    _, m, P, _, _ = _doubling_scan(_filter_op, elems)
     m_prev = jnp.concatenate([m0[None], m[:-1]])
     P_prev = jnp.concatenate([P0[None], P[:-1]])
     mp, Pp = jax.vmap(_predict)(m_prev, P_prev, A, Q)
@@ -249,7 +277,7 @@ def _smooth_par(A, Q, m, P):
     E = jnp.concatenate([E, jnp.zeros((1, D, D), E.dtype)])
     g = jnp.concatenate([g, m[-1:]])
     L = jnp.concatenate([L, P[-1:]])
-    _, ms, Ps = lax.associative_scan(_smooth_op, (E, g, L), reverse=True)
+    _, ms, Ps = _doubling_scan(_smooth_op, (E, g, L), reverse=True)
     cross = E[:-1] @ Ps[1:]
     return ms, Ps, cross
 
