@@ -753,8 +753,13 @@ with jax.enable_x64(True):
     value = handlers.trace(f).get_trace(t)["f"]["value"]
     dense = handlers.trace(f).get_trace(t)["f"]["fn"].log_prob(value)
     site = handlers.trace(handlers.seed(state_space(gp_model), 0)).get_trace(t)["f"]
-    print(type(site["fn"]).__name__, "log p dense:", float(dense),
-          "state space:", float(site["fn"].log_prob(value)))""",
+    print(
+        type(site["fn"]).__name__,
+        "log p dense:",
+        float(dense),
+        "state space:",
+        float(site["fn"].log_prob(value)),
+    )""",
     ),
     (
         "md",
@@ -775,16 +780,27 @@ with jax.enable_x64(True):
     ms, Ps, cross = kalman.smoother(A, Q, sde.H, np.full((300, 1, 1), 1 / 0.09), y[:, None] / 0.09)
     xs = np.linspace(-1.5, 11.5, 400)
     mean, cov = kalman.bridge(sde, t, ms, Ps, cross, xs)
-    # the same posterior by dense GP regression
+    mean, cov = np.asarray(mean), np.asarray(cov)
+    # the same posterior by dense GP regression (O(n³))
     Ky = np.asarray(k(t, t)) + 0.09 * np.eye(300)
-    dense_mean = np.asarray(k(xs, t)) @ np.linalg.solve(Ky, y)
-print("max |Kalman - dense| posterior mean:", float(np.abs(mean[:, 0] - dense_mean).max()))
+    Ks = np.asarray(k(xs, t))
+    dense_mean = Ks @ np.linalg.solve(Ky, y)
+    prior_var = np.diag(np.asarray(k(xs, xs)))
+    dense_var = prior_var - np.einsum("ij,ji->i", Ks, np.linalg.solve(Ky, Ks.T))
+print(
+    "max |Kalman - dense|: mean",
+    np.abs(mean[:, 0] - dense_mean).max(),
+    "variance",
+    np.abs(cov[:, 0, 0] - dense_var).max(),
+)
 sd = np.sqrt(cov[:, 0, 0])
 plt.figure(figsize=(8, 3))
 plt.plot(t, y, ".", ms=3, color="0.6", label="data")
 plt.plot(xs, mean[:, 0], label="posterior mean (bridge)")
 plt.fill_between(xs, mean[:, 0] - 2 * sd, mean[:, 0] + 2 * sd, alpha=0.3, label="±2 sd")
-plt.legend(); plt.xlabel("t"); plt.tight_layout()""",
+plt.legend()
+plt.xlabel("t")
+plt.tight_layout()""",
     ),
     (
         "md",
@@ -802,11 +818,15 @@ CEP driver reads kernels, grids, ranks and priors from its trace.""",
 model = functools.partial(fm.model, ranks=2, kernels=Matern(0.5, 0.2, 1.0))
 config = funbat.FunBaTConfig(num_iters=ITERS, tol=1e-5, damping=(0.5, 0.5, 0.0))
 res = funbat.fit(jax.random.PRNGKey(0), model, d["train_indexes"], d["train_y"], config)
-print(f"{res.n_iter} sweeps, converged: {res.converged}, "
-      f"train RMSE {res.history['train_rmse'][-1]:.4f}, noise sd {res.history['noise_sd'][-1]:.4f}")
+print(
+    f"{res.n_iter} sweeps, converged: {res.converged}, "
+    f"train RMSE {res.history['train_rmse'][-1]:.4f}, noise sd {res.history['noise_sd'][-1]:.4f}"
+)
 fig, ax = plt.subplots(1, 2, figsize=(9, 3))
-ax[0].plot(res.history["train_rmse"]); ax[0].set_title("train RMSE per sweep")
-ax[1].semilogy(res.history["max_delta"]); ax[1].set_title("max |Δ prediction| / sd(y)")
+ax[0].plot(res.history["train_rmse"])
+ax[0].set_title("train RMSE per sweep")
+ax[1].semilogy(res.history["max_delta"])
+ax[1].set_title("max |Δ prediction| / sd(y)")
 fig.tight_layout()""",
     ),
     (
@@ -825,8 +845,10 @@ err = mean - d["test_y"]
 rmse = lambda e: float(np.sqrt(np.mean(e**2)))
 oracle = d["test_f"] - d["test_y"]
 unseen = d["test_unseen"]
-print(f"test RMSE {rmse(err):.4f} (oracle {rmse(oracle):.4f}); "
-      f"seen {rmse(err[~unseen]):.4f}, unseen {rmse(err[unseen]):.4f}")
+print(
+    f"test RMSE {rmse(err):.4f} (oracle {rmse(oracle):.4f}); "
+    f"seen {rmse(err[~unseen]):.4f}, unseen {rmse(err[unseen]):.4f}"
+)
 print("95% interval coverage:", float(np.mean(np.abs(err) <= 1.96 * np.sqrt(var))))
 fm.plot_factors(res, d);""",
     ),
