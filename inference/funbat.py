@@ -263,8 +263,16 @@ def _read_model(model, indexes, y, config: FunBaTConfig):
         given = getattr(config, name)
         if given is not None and not np.allclose(np.asarray(given), np.asarray(val)):
             raise ValueError(f"config.{name} = {given} disagrees with the model's {val}")
-    if config.kernels is not None and len(config.kernels) != K:
-        raise ValueError(f"config.kernels must have {K} entries")
+    if config.kernels is not None:
+        given = tuple(config.kernels)
+        same = len(given) == K and all(
+            g.nu == m.nu
+            and np.allclose(float(g.lengthscale), float(m.lengthscale))
+            and np.allclose(float(g.variance), float(m.variance))
+            for g, m in zip(given, kernels, strict=False)
+        )
+        if not same:
+            raise ValueError(f"config.kernels = {given} disagree with the model's {kernels}")
     return dataclasses.replace(config, kernels=kernels, cp=cp, **resolved), grids
 
 

@@ -296,7 +296,9 @@ def plot_factors(result, data=None, *, num_points: int = 200):
         if data is not None and "W" in data and k < len(FACTORS):
             truth = FACTORS[k](x)
             coef, *_ = np.linalg.lstsq(truth, mean, rcond=None)
-            ax.plot(x, truth @ coef, "k--", lw=1, label="true (aligned)")
+            aligned = truth @ coef
+            ax.plot(x, aligned[:, 0], "k--", lw=1, label="true (aligned)")
+            ax.plot(x, aligned[:, 1:], "k--", lw=1)
         ax.plot(grids[k], np.full(len(grids[k]), ax.get_ylim()[0]), "|", color="0.4")
         ax.set_title(f"mode {k + 1}")
         ax.set_xlabel(f"x{k + 1}")

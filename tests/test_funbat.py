@@ -188,3 +188,88 @@ def test_parallel_smoother_gives_same_fit():
         res = funbat.fit(jax.random.PRNGKey(0), model, d["train_indexes"], d["train_y"], cfg)
         out.append(np.asarray(res.state.pred))
     np.testing.assert_allclose(out[0], out[1], atol=1e-8)
+
+
+def test_cli_bad_option_exits_2(tmp_path, capsys):
+    from ppl import cli
+
+    assert cli.main(["fit", "funbat", "--rank", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--rank" in capsys.readouterr().err
+    assert cli.main(["fit", "funbat", "--nu", "1.0", "--out", str(tmp_path / "r")]) == 2
+    assert "nu" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_cli_fit_funbat(tmp_path, capsys, monkeypatch):
+    """`ppl fit funbat` in fast mode writes the posterior, the factor plot and the summary."""
+    import arviz as az
+
+    from ppl import cli
+
+    monkeypatch.setenv("PPL_FAST", "1")
+    out = tmp_path / "run"
+    assert cli.main(["fit", "funbat", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} >= {"posterior.nc", "factors.png", "summary.txt"}
+    assert "test RMSE" in (out / "summary.txt").read_text()
+    assert "u_0" in az.from_netcdf(out / "posterior.nc").posterior
+
+
+@pytest.mark.slow
+def test_restarts_pick_best_train_rmse():
+    """T9: CEP has local optima; with num_restarts the kept run has the smallest final train
+    RMSE of all restarts."""
+    d = fm.load_default("synthetic3")
+    model = functools.partial(fm.model, ranks=2, kernels=Matern(0.5, 0.2, 1.0))
+    cfg = funbat.FunBaTConfig(num_iters=60, num_restarts=3)
+    res = funbat.fit(jax.random.PRNGKey(0), model, d["train_indexes"], d["train_y"], cfg)
+    assert len(res.restart_rmse) == 3
+    assert res.history["train_rmse"][-1] == pytest.approx(min(res.restart_rmse))
+
+
+@pytest.mark.slow
+def test_reference_compat_variants():
+    """T10: D3+D4 (reference_compat) with the §1.4 initialisation and D4-only-like reference
+    initialisation (Σ_W = I, E[τ] = 1) stay within 1.15 × oracle on G(2, 0) (60 sweeps)."""
+    d = fm.load_default("synthetic2")
+    model = functools.partial(fm.model, ranks=2, kernels=Matern(0.5, 0.2, 1.0))
+    oracle = _rmse(d["test_f"], d["test_y"])
+    for kw in ({}, {"init_core_var": 1.0, "init_tau": 1.0}):
+        cfg = funbat.FunBaTConfig(num_iters=60, tol=0.0, reference_compat=True, **kw)
+        res = funbat.fit(jax.random.PRNGKey(0), model, d["train_indexes"], d["train_y"], cfg)
+        mean, _ = funbat.predict(res, d["test_indexes"])
+        assert _rmse(mean, d["test_y"]) <= 1.15 * oracle, kw
+
+
+@pytest.mark.slow
+def test_nuts_agrees_with_cep():
+    """T13: NUTS (2 chains × 300) on the model, G(2, 0) cut to 200 entries: the posterior
+    predictive mean is within 2 posterior sd of the CEP mean for >= 90% of test entries."""
+    from numpyro.infer import MCMC, NUTS
+
+    d = fm.load_default("synthetic2")
+    x, y = d["train_indexes"][:200], d["train_y"][:200]
+    model = functools.partial(fm.model, ranks=2, kernels=Matern(0.5, 0.2, 1.0))
+    res = funbat.fit(jax.random.PRNGKey(0), model, x, y, funbat.FunBaTConfig(num_iters=200))
+    # test entries at indexes that are on the 200-entry grid (the model's GP sites)
+    on_grid = np.all([np.isin(d["test_indexes"][:, k], x[:, k]) for k in range(2)], axis=0)
+    xt = d["test_indexes"][on_grid]
+    cep_mean, _ = funbat.predict(res, xt)
+    with jax.enable_x64(True):
+        mcmc = MCMC(
+            NUTS(model),
+            num_warmup=300,
+            num_samples=300,
+            num_chains=2,
+            progress_bar=False,
+            chain_method="sequential",
+        )
+        mcmc.run(jax.random.PRNGKey(1), x, y=y)
+        samples = mcmc.get_samples()
+    # predictive f at test entries from the NUTS draws of u on the grid
+    grids = [np.unique(x[:, k]) for k in range(2)]
+    us = [samples[f"u_{k}"][:, :, np.searchsorted(grids[k], xt[:, k])] for k in range(2)]
+    f = jnp.einsum("sab,san,sbn->sn", samples["W"], us[0], us[1])
+    f_mean, f_sd = np.asarray(f.mean(0)), np.asarray(f.std(0))
+    ok = np.abs(f_mean - np.asarray(cep_mean)) <= 2 * f_sd + 1e-3
+    assert ok.mean() >= 0.9
