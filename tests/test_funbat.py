@@ -120,6 +120,7 @@ def test_model_state_space_density_equals_dense():
     assert abs(float(dense) - float(ss)) < 1e-8 * max(1.0, abs(float(dense)))
 
 
+@pytest.mark.slow  # ~15 s; the notebook test and `ppl fit funbat` run it too
 def test_to_inference_data(g20_fit):
     d, res = g20_fit
     idata = funbat.to_inference_data(res, jax.random.PRNGKey(1), num_samples=10)
@@ -265,11 +266,11 @@ def test_nuts_agrees_with_cep():
             chain_method="sequential",
         )
         mcmc.run(jax.random.PRNGKey(1), x, y=y)
-        samples = mcmc.get_samples()
+        samples = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
     # predictive f at test entries from the NUTS draws of u on the grid
     grids = [np.unique(x[:, k]) for k in range(2)]
     us = [samples[f"u_{k}"][:, :, np.searchsorted(grids[k], xt[:, k])] for k in range(2)]
-    f = jnp.einsum("sab,san,sbn->sn", samples["W"], us[0], us[1])
-    f_mean, f_sd = np.asarray(f.mean(0)), np.asarray(f.std(0))
+    f = np.einsum("sab,san,sbn->sn", samples["W"], us[0], us[1])
+    f_mean, f_sd = f.mean(0), f.std(0)
     ok = np.abs(f_mean - np.asarray(cep_mean)) <= 2 * f_sd + 1e-3
     assert ok.mean() >= 0.9

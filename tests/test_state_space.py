@@ -134,7 +134,7 @@ def test_bridge_equals_dense_prediction():
     the spec's ν=3/2 reference values; variances positive (no D6/D7 defects)."""
     t, y = _t2_data()
     tn = np.array([-0.7, 0.0, 3.14159, 5.5, 9.99, 10.8, t[10], t[-1]])
-    for nu in NUS:
+    for nu in (0.5, 1.5):  # the two of the spec's D6/D7 figures
         k = Matern(nu, 1.0, 1.0)
         sde = lti_sde(k)
         A, Q = discretize(sde, t)
