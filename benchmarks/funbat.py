@@ -62,7 +62,7 @@ def accuracy(repeats, quick):
     if not quick:
         cases += [
             ("synthetic2", Matern(0.5, 0.2, 1.0), 60, 1, True, "0.1016 (T10, D3+D4)"),
-            ("synthetic3", Matern(0.5, 0.2, 1.0), 60, 1, False, "0.135 (T9, local optimum)"),
+            ("synthetic3", Matern(0.5, 0.2, 1.0), 60, 1, False, "0.135 (T9: local opt.)"),
             ("synthetic3", Matern(1.5, 0.3, 1.0), 100, 3, False, "0.1054-0.1057 (T8)"),
         ]
     for name, kern, iters, restarts, compat, ref in cases:

@@ -105,6 +105,10 @@ class FunBaTConfig:
         each pseudo-observation) and D4 (Cov(W) dropped from the factor messages and the
         noise update). Never D1, D5, D6 or D7.
     :param int num_restarts: random initialisations; the best by final train RMSE is kept.
+    :param str rank_coupling: ``"full"`` (default: full ``R_k × R_k`` messages, the ranks of a
+        mode filtered jointly) or ``"diagonal"`` (mean-field over ranks: off-diagonal message
+        entries dropped, so the chain splits into independent per-rank chains; spec §1.2).
+    :param bool cp: set from the model (no ``W`` site: CP core, not updated).
     """
 
     ranks: tuple[int, ...] | None = None
@@ -121,6 +125,7 @@ class FunBaTConfig:
     init_tau: Any = "10/var(y)"
     reference_compat: bool = False
     num_restarts: int = 1
+    rank_coupling: str = "full"
     cp: bool = False
 
     def validate(self):
@@ -131,6 +136,10 @@ class FunBaTConfig:
         check_positive_int(self.num_restarts, "num_restarts")
         if not (self.tol >= 0 and math.isfinite(self.tol)):
             raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if self.rank_coupling not in ("full", "diagonal"):
+            raise ValueError(
+                f"rank_coupling must be 'full' or 'diagonal', got {self.rank_coupling!r}"
+            )
         if self.schedule != "per_mode":
             raise ValueError(f"schedule must be 'per_mode', got {self.schedule!r}")
         if self.smoother not in ("sequential", "parallel", "dense"):
@@ -496,6 +505,8 @@ def step(state: FunBaTState, data: FunBaTData, config: FunBaTConfig):
             Wt = Wt + _unfold_cov(state.SW, ranks, k)
         lam_new = Etau * jnp.einsum("npq,rpsq->nrs", Ssum, Wt)
         eta_new = Etau * zsum @ Mk.T
+        if config.rank_coupling == "diagonal":  # mean-field over ranks
+            lam_new = lam_new * jnp.eye(ranks[k])
         if config.reference_compat:  # D3: an extra N(0, I) factor on each pseudo-observation
             lam_new = lam_new + jnp.eye(ranks[k])
         lam[k] = rho_u * lam[k] + (1 - rho_u) * 0.5 * (lam_new + jnp.swapaxes(lam_new, 1, 2))
