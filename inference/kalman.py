@@ -38,6 +38,7 @@ Example (GP regression on 3 points)::
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -106,7 +107,7 @@ def _check(A, Q, H, obs_lam, obs_eta, m0, P0):
     return A, Q, H, obs_lam, obs_eta, m0, P0
 
 
-def _update(m, P, H, lam, eta):
+def _update(m, P, H, lam, eta, with_logz=True):
     """Information-form update of ``N(m, P)`` by ``exp(ηᵀHz − ½zᵀHᵀΛHz)``; returns the
     posterior and the log of the factor's integral under the prior."""
     p = H.shape[0]
@@ -118,6 +119,8 @@ def _update(m, P, H, lam, eta):
     Mx = eye + lam @ S  # I + ΛS
     m_new = m + PHt @ _solve(Mx, r)
     P_new = P - PHt @ _solve(Mx, lam @ PHt.T)
+    if not with_logz:
+        return m_new, _sym(P_new), jnp.zeros((), P.dtype)
     SG = _solve(eye + S @ lam, S)  # S (I + ΛS)⁻¹
     _, logdet = jnp.linalg.slogdet(eye + S @ lam)
     logz = eta @ mu - 0.5 * mu @ lam @ mu + 0.5 * r @ SG @ r - 0.5 * logdet
@@ -128,13 +131,13 @@ def _predict(m, P, A, Q):
     return A @ m, _sym(A @ P @ A.T + Q)
 
 
-@jax.jit
-def _filter_seq(A, Q, H, lam, eta, m0, P0):
+@functools.partial(jax.jit, static_argnames="with_logz")
+def _filter_seq(A, Q, H, lam, eta, m0, P0, with_logz=True):
     def body(carry, inp):
         m, P = carry
         a, q, la, et = inp
         m, P = _predict(m, P, a, q)
-        m, P, lz = _update(m, P, H, la, et)
+        m, P, lz = _update(m, P, H, la, et, with_logz)
         return (m, P), (m, P, lz)
 
     _, (m, P, lz) = lax.scan(body, (m0, P0), (A, Q, lam, eta))
@@ -186,14 +189,10 @@ def _filter_op(ei, ej):
     return A, b, C, e, J
 
 
-def _doubling_scan(op, elems, reverse=False):
-    """Inclusive scan of an associative ``op`` by recursive doubling (Hillis–Steele): ⌈log₂ n⌉
-    rounds in a ``fori_loop``, each applying ``op`` to all n elements at once. Depth O(log n),
-    work O(n log n); ``op`` is compiled once (``lax.associative_scan`` inlines it 2 log₂ n
-    times, which takes tens of seconds to compile for these matrix operators). With
-    ``reverse`` the result at i combines elements i..n-1, and ``op(later, earlier)``."""
-    if reverse:
-        elems = jax.tree.map(lambda x: jnp.flip(x, 0), elems)
+def _doubling_scan(op, elems):
+    """Inclusive scan of an associative ``op`` by recursive doubling (Hillis–Steele):
+    ⌈log₂ n⌉ rounds in a ``fori_loop``, each applying ``op`` to all n elements at once
+    (depth O(log n), work O(n log n); ``op`` is compiled once)."""
     n = jax.tree.leaves(elems)[0].shape[0]
     rounds = max(1, math.ceil(math.log2(max(n, 2))))
     idx = jnp.arange(n)
@@ -208,7 +207,47 @@ def _doubling_scan(op, elems, reverse=False):
             lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, x
         )
 
-    out = lax.fori_loop(0, rounds, body, elems)
+    return lax.fori_loop(0, rounds, body, elems)
+
+
+def _parallel_scan(op, elems, reverse=False):
+    """Inclusive scan of an associative ``op`` (batched over leading dims) in O(log n) depth
+    and O(n) work, with ``op`` compiled three times only.
+
+    The n elements are cut into B ≈ n / log₂ n blocks of L = ⌈log₂ n⌉: (1) a ``lax.scan``
+    of length L runs all blocks at once, (2) the B block totals are scanned by recursive
+    doubling (⌈log₂ B⌉ rounds of B operations), (3) each block's exclusive prefix is combined
+    with its elements in one batched ``op``. (``lax.associative_scan`` inlines ``op``
+    2 log₂ n times, which takes tens of seconds to compile for these matrix operators.) With
+    ``reverse`` the result at i combines elements i..n-1 and ``op(later, earlier)`` is called.
+    """
+    if reverse:
+        elems = jax.tree.map(lambda x: jnp.flip(x, 0), elems)
+    n = jax.tree.leaves(elems)[0].shape[0]
+    L = max(1, math.ceil(math.log2(max(n, 2))))
+    B = -(-n // L)
+    pad = B * L - n
+
+    def blocks(x):  # [n, ...] -> [L, B, ...], padded at the end with copies of the last
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+        return jnp.swapaxes(x.reshape((B, L) + x.shape[1:]), 0, 1)
+
+    xb = jax.tree.map(blocks, elems)
+    first = jax.tree.map(lambda a: a[0], xb)
+    rest = jax.tree.map(lambda a: a[1:], xb)
+
+    def step(carry, x):
+        c = op(carry, x)
+        return c, c
+
+    last, within = lax.scan(step, first, rest)
+    within = jax.tree.map(lambda f, w: jnp.concatenate([f[None], w]), first, within)  # [L, B]
+    totals = _doubling_scan(op, last)  # inclusive over blocks, [B, ...]
+    prefix = jax.tree.map(lambda t: jnp.broadcast_to(t[:-1], (L,) + t[:-1].shape), totals)
+    tail = jax.tree.map(lambda w: w[:, 1:], within)
+    combined = op(prefix, tail)  # [L, B-1, ...]
+    out = jax.tree.map(lambda w, c: jnp.concatenate([w[:, :1], c], axis=1), within, combined)
+    out = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((B * L,) + x.shape[2:])[:n], out)
     if reverse:
         out = jax.tree.map(lambda x: jnp.flip(x, 0), out)
     return out
@@ -217,7 +256,7 @@ def _doubling_scan(op, elems, reverse=False):
 @jax.jit
 def _filter_par(A, Q, H, lam, eta, m0, P0):
     elems = _filter_elements(A, Q, H, lam, eta, m0, P0)
-    _, m, P, _, _ = _doubling_scan(_filter_op, elems)
+    _, m, P, _, _ = _parallel_scan(_filter_op, elems)
     m_prev = jnp.concatenate([m0[None], m[:-1]])
     P_prev = jnp.concatenate([P0[None], P[:-1]])
     mp, Pp = jax.vmap(_predict)(m_prev, P_prev, A, Q)
@@ -277,7 +316,7 @@ def _smooth_par(A, Q, m, P):
     E = jnp.concatenate([E, jnp.zeros((1, D, D), E.dtype)])
     g = jnp.concatenate([g, m[-1:]])
     L = jnp.concatenate([L, P[-1:]])
-    _, ms, Ps = _doubling_scan(_smooth_op, (E, g, L), reverse=True)
+    _, ms, Ps = _parallel_scan(_smooth_op, (E, g, L), reverse=True)
     cross = E[:-1] @ Ps[1:]
     return ms, Ps, cross
 
@@ -292,7 +331,7 @@ def smoother(A, Q, H, obs_lam, obs_eta, m0=None, P0=None, parallel: bool = False
     if parallel:
         m, P, _ = _filter_par(A, Q, H, lam, eta, m0, P0)
         return _smooth_par(A, Q, m, P)
-    m, P, _ = _filter_seq(A, Q, H, lam, eta, m0, P0)
+    m, P, _ = _filter_seq(A, Q, H, lam, eta, m0, P0, with_logz=False)
     return _smooth_seq(A, Q, m, P)
 
 
