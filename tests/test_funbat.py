@@ -289,3 +289,37 @@ def test_diagonal_rank_coupling_decouples_ranks(g20_fit):
         assert np.abs(np.asarray(V)[:, 0, 1]).max() < 1e-12
     mean, _ = funbat.predict(res, d["test_indexes"])
     assert _rmse(mean, d["test_y"]) <= 1.10 * _rmse(d["test_f"], d["test_y"])
+
+
+@pytest.mark.parametrize("chunk_floats", [1 << 22, 40])  # one chunk; many chunks (padded)
+def test_kron_sums_equal_brute_force(monkeypatch, chunk_floats):
+    """The summed messages (no per-entry storage, D8) equal per-entry Kronecker products
+    summed by brute force, in C order (mode 1 slowest), grouped by a mode's index or totalled."""
+    monkeypatch.setattr(funbat, "_CHUNK_FLOATS", chunk_floats)
+    rng = np.random.default_rng(0)
+    ranks, n, N = (2, 3, 2), (4, 5, 3), 23
+    with jax.enable_x64(True):
+        mu = [jnp.asarray(rng.normal(size=(n[k], ranks[k]))) for k in range(3)]
+        V = []
+        for k in range(3):
+            B = rng.normal(size=(n[k], ranks[k], ranks[k]))
+            V.append(jnp.asarray(B @ np.swapaxes(B, 1, 2)))
+        pos = jnp.asarray(np.stack([rng.integers(0, n[k], N) for k in range(3)], -1))
+        y = jnp.asarray(rng.normal(size=N))
+        tot = jax.jit(lambda *a: funbat._kron_sums(*a, [0, 1, 2]))
+        seg = jax.jit(lambda *a: funbat._kron_sums(*a, [0, 2], seg=a[2][:, 1], num_segments=5))
+        S_tot, z_tot = tot(mu, V, pos, y)
+        S_seg, z_seg = seg(mu, V, pos, y)
+    p, yy = np.asarray(pos), np.asarray(y)
+    mom = lambda k, i: np.asarray(V[k][i]) + np.outer(mu[k][i], mu[k][i])
+    S_ref = sum(
+        np.kron(np.kron(mom(0, p[i, 0]), mom(1, p[i, 1])), mom(2, p[i, 2])) for i in range(N)
+    )
+    z_ref = sum(yy[i] * np.kron(np.kron(mu[0][p[i, 0]], mu[1][p[i, 1]]), mu[2][p[i, 2]])
+                for i in range(N))  # fmt: skip
+    np.testing.assert_allclose(S_tot, S_ref, atol=1e-10)
+    np.testing.assert_allclose(z_tot, z_ref, atol=1e-10)
+    for s in range(5):
+        rows = [i for i in range(N) if p[i, 1] == s]
+        ref = sum((np.kron(mom(0, p[i, 0]), mom(2, p[i, 2])) for i in rows), np.zeros((4, 4)))
+        np.testing.assert_allclose(S_seg[s], ref, atol=1e-10)
