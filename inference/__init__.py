@@ -1,5 +1,6 @@
 """Inference drivers: SVI (optax), BlackJAX NUTS, EM for sparse Bayesian learning
-(:mod:`ppl.inference.sbl`), and ArviZ conversion.
+(:mod:`ppl.inference.sbl`), conditional EP with Kalman smoothing for FunBaT
+(:mod:`ppl.inference.funbat`, :mod:`ppl.inference.kalman`), and ArviZ conversion.
 
 Installed as ``ppl.inference``. Names and submodules are imported lazily.
 """
