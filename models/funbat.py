@@ -16,18 +16,14 @@ conditional EP with Kalman smoothing, :func:`ppl.inference.funbat.fit`.
   from fixed seeds (nothing is downloaded).
 * :func:`plot_factors` -- the learned factor functions with ±2 sd bands.
 
-Example::
+Example (the model's sites on G(2, 0); :mod:`ppl.inference.funbat` fits it)::
 
-    >>> import functools, jax
-    >>> from ppl.inference import funbat
-    >>> from ppl.transforms.state_space import Matern
+    >>> from numpyro import handlers
     >>> d = load_default("synthetic2")
-    >>> m = functools.partial(model, ranks=(2, 2), kernels=(Matern(0.5, 0.2, 1.0),) * 2)
-    >>> res = funbat.fit(jax.random.PRNGKey(0), m, d["train_indexes"], d["train_y"],
-    ...                  funbat.FunBaTConfig(num_iters=30))
-    >>> mean, var = funbat.predict(res, d["test_indexes"])
-    >>> bool(((mean - d["test_y"]) ** 2).mean() ** 0.5 < 0.11)
-    True
+    >>> tr = handlers.trace(handlers.seed(model, 0)).get_trace(
+    ...     d["train_indexes"], d["train_y"], ranks=2, kernels=Matern(0.5, 0.2, 1.0))
+    >>> tr["u_0"]["value"].shape, tr["W"]["value"].shape, tr["y"]["value"].shape
+    ((2, 40), (2, 2), (2000,))
 """
 
 from __future__ import annotations
