@@ -409,8 +409,37 @@ def _fit_cep(spec, problem: Problem, opts, rng_key) -> FitResult:
     )
 
 
+def _plot_draws(idata, data):
+    """Factor functions on each mode's grid from posterior draws (NUTS): mean ± 2 sd."""
+    import matplotlib.pyplot as plt
+
+    x = data["train_indexes"]
+    K = x.shape[1]
+    fig, axes = plt.subplots(1, K, figsize=(4.2 * K, 3.2), squeeze=False)
+    for k in range(K):
+        u = idata.posterior[f"u_{k}"].values
+        u = u.reshape((-1,) + u.shape[2:])  # [draws, R, n]
+        grid = np.unique(x[:, k])
+        mean, sd = u.mean(0), u.std(0)
+        ax = axes[0, k]
+        for r in range(u.shape[1]):
+            (line,) = ax.plot(grid, mean[r], label=f"r={r + 1}")
+            ax.fill_between(
+                grid, mean[r] - 2 * sd[r], mean[r] + 2 * sd[r], alpha=0.25, color=line.get_color()
+            )
+        ax.set_title(f"mode {k + 1} (posterior draws)")
+        ax.set_xlabel(f"x{k + 1}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _plot(fit: FitResult, problem: Problem, out_dir):
-    return {"factors": plot_factors(fit.result, problem.data)}
+    from ppl.inference.funbat import FunBaTResult
+
+    if isinstance(fit.result, FunBaTResult):
+        return {"factors": plot_factors(fit.result, problem.data)}
+    return {"factors": _plot_draws(fit.idata, problem.data)}
 
 
 def _summary(idata):
@@ -422,6 +451,10 @@ def _summary(idata):
     for name in ("train_rmse", "noise_sd", "max_delta"):
         if name in stats:
             rows[f"final {name}"] = float(stats[name].values.ravel()[-1])
+    if not rows:  # NUTS: the usual summary of the core and the noise precision
+        import arviz as az
+
+        return az.summary(idata, var_names=["W", "tau"], filter_vars=None)
     return pd.DataFrame({"value": pd.Series(rows, dtype=object)})
 
 
