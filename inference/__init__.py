@@ -1,5 +1,6 @@
 """Inference drivers: SVI (optax), BlackJAX NUTS, EM for sparse Bayesian learning
-(:mod:`ppl.inference.sbl`), and ArviZ conversion.
+(:mod:`ppl.inference.sbl`), conditional EP with Kalman smoothing for FunBaT
+(:mod:`ppl.inference.funbat`, :mod:`ppl.inference.kalman`), and ArviZ conversion.
 
 Installed as ``ppl.inference``. Names and submodules are imported lazily.
 """
@@ -15,7 +16,7 @@ _EXPORTS = {
 }
 
 #: Algorithm modules reachable as attributes (``ppl.inference.sbl``).
-_SUBMODULES = ("fbm", "nngp", "sbl")
+_SUBMODULES = ("fbm", "funbat", "kalman", "nngp", "sbl")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -21,6 +21,10 @@ MODULES = [
     "ppl.models.fbm_sde",
     "ppl.models.fbm_video",
     "ppl.distributions",
+    "ppl.transforms.state_space",
+    "ppl.inference.kalman",
+    "ppl.inference.funbat",
+    "ppl.models.funbat",
 ]
 
 
