@@ -37,6 +37,7 @@ FAMILIES: tuple[str, ...] = (
     "krosbl",
     "nngp",
     "fbm_sde",
+    "bnn",
 )
 
 ENTRY_POINT_GROUP = "ppl.models"

@@ -153,11 +153,22 @@ def _check_sparse(w, name):
         raise TypeError(f"{name} must be a ppl.sparse.SparseTensor, got {type(w).__name__}")
 
 
-def _segment_last(data, segment_ids, num_segments):
-    """``segment_sum`` along the last axis of ``data [..., s]`` -> ``[..., num_segments]``."""
-    moved = jnp.moveaxis(data, -1, 0)
-    out = jax.ops.segment_sum(moved, segment_ids, num_segments=num_segments)
-    return jnp.moveaxis(out, 0, -1)
+def _gather_scale_sum(xt, w, n_rows_out, n_trailing):
+    """``out[o, ...] = Σ_{k: col_k = o} xt[row_k, ...] · values_k``: gather contiguous rows
+    of ``xt [n_rows_in, ...]``, scale, segment-sum over the column: ``[n_out, ...]``.
+
+    Rows of ``xt`` are contiguous, so the gather, the segment-sum and their transposes
+    (scatter-add / gather) move whole rows; ``values [..vb, s]`` broadcast against the
+    leading dims of ``xt[..., ]`` that precede its ``n_trailing`` trailing dims.
+    """
+    rows, cols = w.idx // n_rows_out, w.idx % n_rows_out
+    g = xt[rows]  # [s, *xlead, *trailing]
+    v = jnp.moveaxis(w.values, -1, 0)  # [s, *vb]
+    n_xlead, n_vb = g.ndim - 1 - n_trailing, v.ndim - 1
+    lead = max(n_xlead, n_vb)
+    g = g.reshape(g.shape[:1] + (1,) * (lead - n_xlead) + g.shape[1:])
+    v = v.reshape(v.shape[:1] + (1,) * (lead - n_vb) + v.shape[1:] + (1,) * n_trailing)
+    return jax.ops.segment_sum(g * v, cols, num_segments=n_rows_out)
 
 
 def matmul(x, w):
@@ -183,9 +194,8 @@ def matmul(x, w):
     n_in, n_out = w.dense_shape
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features but w expects n_in = {n_in}")
-    rows, cols = w.idx // n_out, w.idx % n_out
-    prod = x[..., rows] * w.values[..., None, :]  # [..., B, s]
-    return _segment_last(prod, cols, n_out)
+    out = _gather_scale_sum(jnp.moveaxis(x, -1, 0), w, n_out, 1)  # [n_out, ..., B]
+    return jnp.moveaxis(out, 0, -1)
 
 
 def _patches(x, kh, kw, stride, padding):
@@ -256,9 +266,8 @@ def conv2d(x, w, stride: int = 1, padding: str = "SAME"):
     if x.shape[-1] != c_in:
         raise ValueError(f"x has {x.shape[-1]} channels but the kernel expects c_in = {c_in}")
     p = _patches(x, kh, kw, stride, padding)  # [..., N, H', W', kh*kw*c_in]
-    rows, cols = w.idx // c_out, w.idx % c_out
-    prod = p[..., rows] * w.values[..., None, None, None, :]
-    return _segment_last(prod, cols, c_out)
+    out = _gather_scale_sum(jnp.moveaxis(p, -1, 0), w, c_out, 3)  # [c_out, ..., N, H', W']
+    return jnp.moveaxis(out, 0, -1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,10 @@ MODULES = [
     "ppl.models.nngp",
     "ppl.models.fbm_sde",
     "ppl.distributions",
+    "ppl.sparse",
+    "ppl.transforms.subspace",
+    "ppl.inference.ssvi",
+    "ppl.models.bnn",
 ]
 
 

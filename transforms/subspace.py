@@ -363,7 +363,8 @@ def sparse_subspace(
         sparse weights alike).
     :param density: ``float`` in (0, 1] (every sparse site) or ``{site: float}``.
     :param sites: names of the sites to sparsify (default: every Normal site with ndim ≥ 2,
-        or the keys of a ``density`` dict). Other latent sites get a dense mean-field Normal.
+        or the keys of a ``density`` dict). Other latent sites get a dense mean-field Normal
+        (``sites=()``: plain dense mean-field VI, the baseline).
     :param dense_sites: sites kept dense (``"first"``: the first sparse site, as the
         reference keeps the first conv dense).
     :param init_loc: ``(mean, sd)`` of the initial μ (sd may be ``"fan_in"`` for
@@ -394,8 +395,6 @@ def sparse_subspace(
         if isinstance(sites, str):
             sites = (sites,)
         sites = tuple(sites)
-        if not sites:
-            raise ValueError("sites must name at least one site (or be None for the default)")
     if isinstance(dense_sites, str):
         dense_sites = (dense_sites,)
     guide = SparseGuide(model, density, sites, dense_sites, init_loc, init_scale)
@@ -636,7 +635,10 @@ def _update_site(
     n_r = jnp.floor(jnp.asarray(fraction, jnp.float32) * s).astype(jnp.int32)
     n_r = jnp.minimum(n_r, max(n_max, 0))  # n_max = 0 at density 1: the identity
     n_max = max(n_max, 1)
-    score = criterion_scores(mu, rho, criterion, lambda_exp=lambda_exp)
+    # g(r) is strictly increasing, so snr_abs ranks exactly like r (spec §1.4); rank by
+    # log r so that f32 near-ties of g at small r (g'(0) = 0) cannot reorder weights
+    crit = "snr" if criterion == "snr_abs" else criterion
+    score = criterion_scores(mu, rho, crit, lambda_exp=lambda_exp)
     order = jnp.argsort(score, stable=True)  # ties: lower slot (= lower flat idx) first
     rank = jnp.zeros(s, jnp.int32).at[order].set(jnp.arange(s, dtype=jnp.int32))
     freed = rank < n_r
