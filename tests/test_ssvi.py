@@ -495,3 +495,47 @@ def test_bad_input(data):
     _, init_state = sparse_subspace(gamma_model, 0.5, sites=["w"])
     with pytest.raises(TypeError, match="'w'.*Normal"):
         init_state(jax.random.PRNGKey(0), x)
+
+
+def test_every_objective_composes_with_the_sparse_guide(data):
+    x, y = data
+    guide, init_state = sparse_subspace(regression, 0.5, sites=["w"])
+    state = init_state(jax.random.PRNGKey(0), x, y)
+    params = guide.init_params(jax.random.PRNGKey(1), state, x, y)
+    model_r, guide_r = guide.bind(state)
+    o = ppl.objectives
+    objectives = {
+        "elbo": o.elbo,
+        "iwelbo": o.iwelbo(3),
+        "renyi": o.renyi(0.5, 3),
+        "sivi": o.sivi(2),
+        "rws": {"model": o.wake_theta(3), "guide": o.wake_phi(3)},
+    }
+    for name, obj in objectives.items():
+        value, grads = jax.jit(ppl.value_and_grad(obj, model_r, guide_r))(
+            params, jax.random.PRNGKey(2), x, y
+        )
+        assert bool(jnp.isfinite(value)), name
+        assert grads["w_loc"].shape == (9,) and bool(jnp.all(jnp.isfinite(grads["w_loc"]))), name
+
+
+def test_random_growth_keeps_shapes_and_uniqueness():
+    params = {"w_loc": jnp.arange(1.0, 11.0), "w_rho": jnp.zeros(10)}
+    state = SubspaceState({"w": jnp.arange(10, dtype=jnp.int32) * 5}, jnp.array(0))
+    opt_state = optax.adam(1e-3).init(params)
+    for k in range(5):
+        params, opt_state, state, info = update_support(
+            params,
+            opt_state,
+            state,
+            jax.random.PRNGKey(k),
+            fraction=0.3,
+            grow="random",
+            shapes={"w": (10, 5)},
+            criterion="magnitude",
+        )
+        idx = np.asarray(state.idx["w"])
+        assert idx.shape == (10,) and np.all(np.diff(idx) > 0) and idx.max() < 50
+        assert int(info["w"]["n_removed"]) == 3
+    with pytest.raises(ValueError, match="shapes"):
+        update_support(params, opt_state, state, jax.random.PRNGKey(0), fraction=0.3, grow="random")
