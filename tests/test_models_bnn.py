@@ -15,17 +15,21 @@ from ppl.transforms import restrict_prior
 
 def test_mlp_and_cnn_match_their_dense_forward_with_sparse_weights():
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 8, 8, 1))
-    tr = trace(seed(bnn.cnn, 0)).get_trace(x, channels=(4, 6))
-    probs = tr["probs"]["value"]
-    # the same weights as SparseTensor (all entries active) give the same probabilities
-    values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and n != "y"}
-    idx = {n: jnp.arange(v.size, dtype=jnp.int32) for n, v in values.items() if v.ndim >= 2}
-    sparse = {n: (from_dense(v, idx[n]) if n in idx else v) for n, v in values.items()}
-    tr2 = trace(seed(substitute(restrict_prior(bnn.cnn, idx), data=sparse), 1)).get_trace(
-        x, channels=(4, 6)
-    )
-    assert isinstance(tr2["conv1"]["value"], SparseTensor)
-    np.testing.assert_allclose(tr2["probs"]["value"], probs, rtol=1e-5, atol=1e-6)
+
+    @jax.jit
+    def both(x):
+        tr = trace(seed(bnn.cnn, 0)).get_trace(x, channels=(4, 6))
+        # the same weights as SparseTensor (all entries active) give the same probabilities
+        values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and n != "y"}
+        idx = {n: jnp.arange(v.size, dtype=jnp.int32) for n, v in values.items() if v.ndim >= 2}
+        sparse = {n: (from_dense(v, idx[n]) if n in idx else v) for n, v in values.items()}
+        model = substitute(restrict_prior(bnn.cnn, idx), data=sparse)
+        tr2 = trace(seed(model, 1)).get_trace(x, channels=(4, 6))
+        assert isinstance(tr2["conv1"]["value"], SparseTensor)
+        return tr["probs"]["value"], tr2["probs"]["value"]
+
+    probs, probs_sparse = both(x)
+    np.testing.assert_allclose(probs_sparse, probs, rtol=1e-5, atol=1e-6)
     xm = jnp.ones((3, 64))
     tr = trace(seed(bnn.mlp, 0)).get_trace(xm, widths=(7,))
     assert tr["w0"]["value"].shape == (64, 7) and tr["probs"]["value"].shape == (3, 10)
