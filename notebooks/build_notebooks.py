@@ -727,7 +727,6 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 
-import ppl
 from ppl.inference import SSVI, cosine_fraction, to_inference_data
 from ppl.models import bnn
 from ppl.sparse import SparseTensor, matmul, to_dense
@@ -814,14 +813,12 @@ for density in (1.0, 0.1):
         key=jax.random.PRNGKey(2), num_samples=draws, args=(data["x_test"], data["y_test"])
     )
     probs = bnn.predictive_probs(idata)
-    rot = fit.to_inference_data(
-        key=jax.random.PRNGKey(3), num_samples=draws, args=(data["x_rot"],)
-    )
+    rot = fit.to_inference_data(key=jax.random.PRNGKey(3), num_samples=draws, args=(data["x_rot"],))
     ood = bnn.metrics(bnn.predictive_probs(rot), np.zeros(len(data["x_rot"]), int))["entropy"]
     runs[density] = (fit, probs, bnn.metrics(probs, data["y_test"]), ood)
 
 print("density | stored params | test acc | NLL | top-label ECE | entropy (rotated digits)")
-for density, (fit, probs, m, ood) in runs.items():
+for density, (fit, _probs, m, ood) in runs.items():
     n = sum(int(np.size(v)) for v in fit.params.values())
     acc, nll, ece = m["accuracy"], m["nll"], m["ece"]
     print(f"{density:7g} | {n:13d} | {acc:.4f} | {nll:.4f} | {ece:.4f} | {ood:.3f}")""",

@@ -4,6 +4,7 @@ Reference values are closed forms computed here (numpy/scipy, float64) or the sp
 numbers; Monte Carlo checks use fixed seeds and a stated number of standard errors.
 """
 
+import json
 import math
 from functools import partial
 
@@ -327,7 +328,7 @@ def test_added_indices_are_the_top_gradients_brute_force():
 # ------------------------------------------------------------------ T6: size, shapes
 
 
-def test_active_count_storage_and_single_compilation(data):
+def test_active_count_storage_compilation_and_inference_data(data):
     x, y = data
     x = jnp.tile(x, (1, 10))  # 60 inputs x 3 outputs = 180 weights
     guide, _ = sparse_subspace(regression, 0.2, sites=["w"])
@@ -338,6 +339,15 @@ def test_active_count_storage_and_single_compilation(data):
     idx = np.asarray(res.state.idx["w"])
     assert idx.shape == (36,) and np.all(np.diff(idx) > 0) and idx.max() < 180
     assert ssvi._update._cache_size() == 1 and ssvi._chunk._cache_size() == 1
+    assert res.losses.shape == (30,)
+    # InferenceData: only the active values, the indices in constant_data
+    idata = to_inference_data(res, num_samples=7, key=jax.random.PRNGKey(1))
+    assert idata.posterior["w"].dims == ("chain", "draw", "w_active")
+    assert idata.posterior["w"].shape == (1, 7, 36)
+    np.testing.assert_array_equal(idata.constant_data["w_idx"], res.state.idx["w"])
+    assert idata.posterior.attrs["w_shape"] == "60,3"
+    assert idata.log_likelihood["y"].shape[:2] == (1, 7)
+    assert len(json.loads(idata.posterior.attrs["support_history"])) == 5
     # stored state (μ, ρ f32, idx int32, Adam μ/ν f32) = 28 bytes per active weight
     nbytes = lambda tree: sum(np.asarray(v).nbytes for v in jax.tree.leaves(tree))  # noqa: E731
     sparse_bytes = nbytes({k: v for k, v in res.params.items() if k.startswith("w")})
@@ -436,21 +446,6 @@ def test_cosine_schedule_reference_numbers():
     ]
     np.testing.assert_allclose(f, [0.3, 0.2561, 0.15, 0.0439], atol=1e-4)
     assert float(cosine_fraction(t_end, t_end, 0.3)) == 0.0
-
-
-def test_skip_step_and_to_inference_data(data):
-    x, y = data
-    guide, _ = sparse_subspace(regression, 0.5, sites=["w"])
-    ssvi = SSVI(regression, guide, optax.adam(0.0), every=4, alpha=0.3, t_end=1.0)
-    res = ssvi.run(jax.random.PRNGKey(0), 12, x, y)
-    assert res.losses.shape == (12,)
-    idata = to_inference_data(res, num_samples=7, key=jax.random.PRNGKey(1))
-    assert idata.posterior["w"].dims == ("chain", "draw", "w_active")
-    assert idata.posterior["w"].shape == (1, 7, 9)
-    np.testing.assert_array_equal(idata.constant_data["w_idx"], res.state.idx["w"])
-    assert idata.posterior.attrs["w_shape"] == "6,3"
-    assert idata.log_likelihood["y"].shape[:2] == (1, 7)
-    assert "support_history" in idata.posterior.attrs
 
 
 # ------------------------------------------------------------------ bad input
