@@ -40,6 +40,7 @@ __all__ = [
     "from_dense",
     "num_active",
     "kl_divergence",
+    "to_dense_idata",
 ]
 
 
@@ -146,6 +147,31 @@ def from_dense(x, idx) -> SparseTensor:
     if idx.ndim != 1:
         raise ValueError(f"idx must be 1-d int32[s], got shape {idx.shape}")
     return SparseTensor(idx, x.reshape(-1)[idx], x.shape)
+
+
+def to_dense_idata(idata, site: str):
+    """The draws of a sparse site of an SSVI ``InferenceData`` as a dense array
+    ``[chain, draw, *shape]`` (zeros off the active set; for plots).
+
+    Reads ``posterior[site]`` (``[chain, draw, s]``), ``constant_data[f"{site}_idx"]`` and
+    ``posterior.attrs[f"{site}_shape"]`` as written by ``SSVIResult.to_inference_data``.
+
+    >>> import arviz as az, numpy as np
+    >>> idata = az.from_dict(posterior={"w": np.ones((1, 2, 2))},
+    ...                      constant_data={"w_idx": np.array([0, 3])})
+    >>> idata.posterior.attrs["w_shape"] = "2,2"
+    >>> to_dense_idata(idata, "w")[0, 0]
+    array([[1., 0.],
+           [0., 1.]])
+    """
+    if f"{site}_idx" not in idata.constant_data:
+        raise ValueError(f"site {site!r} has no constant_data[{site + '_idx'!r}]: not sparse")
+    shape = tuple(int(d) for d in str(idata.posterior.attrs[f"{site}_shape"]).split(","))
+    values = np.asarray(idata.posterior[site])
+    idx = np.asarray(idata.constant_data[f"{site}_idx"])
+    out = np.zeros(values.shape[:2] + (math.prod(shape),), values.dtype)
+    out[..., idx] = values
+    return out.reshape(values.shape[:2] + shape)
 
 
 def _check_sparse(w, name):
