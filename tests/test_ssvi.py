@@ -340,6 +340,9 @@ def test_active_count_storage_compilation_and_inference_data(data):
     assert idx.shape == (36,) and np.all(np.diff(idx) > 0) and idx.max() < 180
     assert ssvi._update._cache_size() == 1 and ssvi._chunk._cache_size() == 1
     assert res.losses.shape == (30,)
+    # skip_step: the batch of each of the 5 update steps feeds only the dense probe, so Adam
+    # counts 30 − 5 applied steps
+    assert int(res.opt_state[0].count) == 25
     # InferenceData: only the active values, the indices in constant_data
     idata = to_inference_data(res, num_samples=7, key=jax.random.PRNGKey(1))
     assert idata.posterior["w"].dims == ("chain", "draw", "w_active")
