@@ -13,10 +13,13 @@ _EXPORTS = {
     "SVIRunResult": ".svi",
     "NUTS": ".nuts",
     "to_inference_data": ".arviz",
+    "SSVI": ".ssvi",
+    "SSVIResult": ".ssvi",
+    "cosine_fraction": ".ssvi",
 }
 
 #: Algorithm modules reachable as attributes (``ppl.inference.sbl``).
-_SUBMODULES = ("fbm", "funbat", "kalman", "nngp", "sbl")
+_SUBMODULES = ("fbm", "funbat", "kalman", "nngp", "sbl", "ssvi")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -38,6 +38,7 @@ FAMILIES: tuple[str, ...] = (
     "nngp",
     "fbm_sde",
     "funbat",
+    "bnn",
 )
 
 ENTRY_POINT_GROUP = "ppl.models"

@@ -8,7 +8,7 @@ estimator (REPARAM, REINFORCE, ENUM, MVD) chosen per sample site
 :mod:`ppl.models`.
 """
 
-from ppl import objectives
+from ppl import objectives, sparse
 from ppl.dsl import Trace, add_cost, log_density, logmeanexp, particles, sample_trace
 from ppl.grad import check_data, constrain_params, init_params, value_and_grad
 from ppl.marginal import log_normalizer, marginal, normalize, sample_joint
@@ -30,6 +30,7 @@ __all__ = [
     "particles",
     "sample_joint",
     "sample_trace",
+    "sparse",
     "value_and_grad",
 ]
 

@@ -31,6 +31,7 @@ from ppl.dsl import (
     score,
     sum_log_prob,
 )
+from ppl.sparse import SparseTensor
 
 __all__ = ["marginal", "normalize", "log_normalizer", "sample_joint"]
 
@@ -290,6 +291,9 @@ class normalize:
                     sites[name] = site
                 continue
             value = site["value"]
+            sparse = isinstance(value, SparseTensor)  # resample its active values only
+            if sparse:
+                sparse, value = value, value.values
             event = value.ndim - len(site["fn"].batch_shape)
             axis = len(site["fn"].batch_shape) - rank - 1
             idx = jnp.broadcast_to(index, site["fn"].batch_shape[axis + 1 :])
@@ -297,8 +301,12 @@ class normalize:
             idx = jnp.broadcast_to(idx, value.shape[:axis] + (1,) + value.shape[axis + 1 :])
             picked = jnp.take_along_axis(value, idx, axis=axis).squeeze(axis)
             natural = run.setup.site_shapes.get(name)
+            if sparse is not False and natural is not None:
+                natural = natural[: len(natural) - len(sparse.dense_shape)] + (sparse.nse,)
             if natural is not None and math.prod(natural) == picked.size:
                 picked = picked.reshape(natural)  # drop the padding the particle plate added
+            if sparse is not False:
+                picked = SparseTensor(sparse.idx, picked, sparse.dense_shape)
             sites[name] = {
                 "type": "sample",
                 "name": name,

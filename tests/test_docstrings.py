@@ -25,6 +25,10 @@ MODULES = [
     "ppl.inference.kalman",
     "ppl.inference.funbat",
     "ppl.models.funbat",
+    "ppl.sparse",
+    "ppl.transforms.subspace",
+    "ppl.inference.ssvi",
+    "ppl.models.bnn",
 ]
 
 

@@ -6,5 +6,28 @@ added as one module each.
 """
 
 from .estimators import ENUM, MVD, REINFORCE, REPARAM, Estimator, estimators
+from .subspace import (
+    CRITERIA,
+    SparseGuide,
+    SubspaceState,
+    criterion_scores,
+    restrict_prior,
+    sparse_subspace,
+    update_support,
+)
 
-__all__ = ["ENUM", "MVD", "REINFORCE", "REPARAM", "Estimator", "estimators"]
+__all__ = [
+    "CRITERIA",
+    "ENUM",
+    "MVD",
+    "REINFORCE",
+    "REPARAM",
+    "Estimator",
+    "SparseGuide",
+    "SubspaceState",
+    "criterion_scores",
+    "estimators",
+    "restrict_prior",
+    "sparse_subspace",
+    "update_support",
+]
