@@ -339,11 +339,13 @@ def b3(hursts, steps, batch=16, num_train=128, num_test=32):
 def reconstruction_mse(sde, params_c, ts, data, draws=16):
     """Per-pixel MSE of the decoded mean of ``draws`` posterior paths vs the clean frames."""
     ys = jnp.asarray(data["ys"])
-    xs = []
-    for i in range(draws):
-        tr = handlers.trace(handlers.seed(handlers.substitute(sde.guide, params_c), 50 + i))
-        tr = tr.get_trace(ts, ys)
-        xs.append(tr["x"]["value"])
+
+    @jax.jit
+    def draw(key, params, ys):  # one compilation; arrays as arguments (no constant folding)
+        guide = handlers.seed(handlers.substitute(sde.guide, params), key)
+        return handlers.trace(guide).get_trace(ts, ys)["x"]["value"]
+
+    xs = [draw(jax.random.PRNGKey(50 + i), params_c, ys) for i in range(draws)]
     mean_x = jnp.mean(jnp.stack(xs), axis=0)  # [B, T, D]
     with handlers.substitute(data=params_c):
         frames = sde._decode(mean_x)

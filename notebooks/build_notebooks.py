@@ -805,7 +805,7 @@ objectives, which is why `"exact"` is the default.""",
     kl_gradient="expected",  # the ELBO's low-variance path gradient (see the note above)
 )
 ts_b, ys_b = jnp.array([2.0]), jnp.zeros((32, 1, 1))
-svi = SVI(bridge.model, bridge.guide, optax.adam(1e-3))
+svi = SVI(bridge.model, bridge.guide, optax.adam(3e-3))
 start = time.perf_counter()
 res_b = svi.run(jax.random.PRNGKey(0), 100 if FAST else 2000, ts_b, ys_b)
 print(f"trained in {time.perf_counter() - start:.0f} s")
@@ -919,7 +919,7 @@ fig.suptitle("one training clip (H = 0.7)")""",
 small = {"features": 8, "width": 16} if FAST else {}
 vsde = video_sde(horizon=float(ts_v[-1]), size=size, kl_gradient="expected", **small)
 rng = np.random.default_rng(0)
-num_steps, batch = (3, 4) if FAST else (120, 16)  # benchmarks/fbm.py B3 trains 300
+num_steps, batch = (3, 4) if FAST else (60, 16)  # benchmarks/fbm.py B3 trains 300
 batches = [(ts_v, jnp.asarray(video["ys"][rng.choice(n_clips, batch, replace=False)]))
            for _ in range(num_steps)]
 svi = SVI(vsde.model, vsde.guide, optax.adam(3e-3))
