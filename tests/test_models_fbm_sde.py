@@ -195,7 +195,7 @@ def test_cli_end_to_end(tmp_path):
     assert "Hurst index (VI" in (out / "summary.txt").read_text()
 
 
-@pytest.mark.parametrize("hurst", ["bm", None])
+@pytest.mark.parametrize("hurst", ["bm", pytest.param(None, marks=pytest.mark.slow)])
 def test_every_hurst_option_gives_a_finite_elbo_in_two_dims(hurst):
     """Learned, fixed and exact-BM models build (the control sees the right state size) and
     their ELBO and gradients are finite; the exact-BM prior has Var X_t = t (σ = 1, no drift),
@@ -217,6 +217,7 @@ def test_every_hurst_option_gives_a_finite_elbo_in_two_dims(hurst):
                                    rtol=4 * math.sqrt(2 / 4000))  # fmt: skip
 
 
+@pytest.mark.slow  # notebook 02 trains the video model in fast mode in the default suite
 def test_video_model_elbo_runs_and_decoder_renders_frames():
     """The mini-video model (spec B3) at 16×16: data shapes, a finite ELBO and gradient, and
     decoded frames in (0, 1) of the data's shape."""
@@ -241,7 +242,7 @@ def test_video_model_elbo_runs_and_decoder_renders_frames():
     assert frames.shape == (3, 256) and bool(jnp.all((frames > 0) & (frames < 1)))
 
 
-@pytest.mark.parametrize("fbm_type", ["I", "II"])
+@pytest.mark.parametrize("fbm_type", ["I", pytest.param("II", marks=pytest.mark.slow)])
 def test_paths_on_the_grid_reproduce_the_guide_at_observation_times(fbm_type):
     """``LatentSDE.paths`` (prior Euler driven by the guide's increments) equals the guide's
     own ``x`` at the observation times (same key): to float32 rounding."""
