@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -56,6 +55,7 @@ from jax import lax
 from numpyro import handlers
 
 from ppl.inference import kalman
+from ppl.inference._precision import x64
 from ppl.inference.arviz import as_prng_key, check_positive_int
 from ppl.transforms.state_space import Matern, discretize, lti_sde, stack_sde, state_space
 
@@ -75,15 +75,6 @@ __all__ = [
 
 #: Kronecker sums are accumulated over chunks of at most this many floats.
 _CHUNK_FLOATS = 1 << 22
-
-
-@contextlib.contextmanager
-def _x64():
-    if jax.config.jax_enable_x64:
-        yield
-    else:
-        with jax.enable_x64(True):
-            yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +425,7 @@ def init(key, model, indexes, y, config: FunBaTConfig | None = None):
     if yy is None:
         raise ValueError("y must be given (the observed values)")
     key = as_prng_key(key)
-    with _x64():
+    with x64():
         config, grids = _read_model(model, idx, yy, config)
         data = _make_data(idx, yy, grids, config)
         state = _init_state(key, data, config)
@@ -583,7 +574,7 @@ def fit(key, model, indexes, y, config: FunBaTConfig | None = None) -> FunBaTRes
     config = (config or FunBaTConfig()).validate()
     key = as_prng_key(key)
     state0, data, config = init(key, model, indexes, y, config)
-    with _x64():
+    with x64():
         best = None
         rmses = []
         for r, k in enumerate(jax.random.split(key, config.num_restarts)):
@@ -633,7 +624,7 @@ def latent(result: FunBaTResult, k: int, x):
     x = np.asarray(x, np.float64)
     if x.ndim != 1 or not np.all(np.isfinite(x)):
         raise ValueError("x must be a finite 1-D array of indexes")
-    with _x64():
+    with x64():
         cfg = result.config
         sde = stack_sde(lti_sde(cfg.kernels[k]), cfg.ranks[k])
         s = result.state
@@ -672,7 +663,7 @@ def predict(result: FunBaTResult, new_indexes):
         raise ValueError(f"new_indexes must have shape [M, {K}], got {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError("new_indexes must be finite (found NaN or inf)")
-    with _x64():
+    with x64():
         mus, Vs = zip(*(latent(result, k, x[:, k]) for k in range(K)), strict=True)
         s = result.state
         pos = jnp.tile(jnp.arange(x.shape[0])[:, None], (1, K))
@@ -721,7 +712,7 @@ def to_inference_data(result: FunBaTResult, key=None, num_samples: int = 200):
     _check_result(result)
     num_samples = check_positive_int(num_samples, "num_samples")
     key = as_prng_key(key)
-    with _x64():
+    with x64():
         s = result.state
         cfg = result.config
         K = len(cfg.ranks)

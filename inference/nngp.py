@@ -55,7 +55,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -74,6 +73,7 @@ from jax import lax
 from jax.scipy.special import gammaln, logsumexp
 from numpyro.distributions import constraints
 
+from ppl.inference._precision import x64
 from ppl.transforms import nngp as _tn
 
 __all__ = [
@@ -102,16 +102,6 @@ _NEWTON_ITERS = 40
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _x64():
-    """float64 inside (JAX x64 enabled locally unless it already is)."""
-    if jax.config.jax_enable_x64:
-        yield
-    else:
-        with jax.enable_x64(True):
-            yield
 
 
 def _np(v):
@@ -574,7 +564,7 @@ def fit(
         _check_positive("noise", noise)
     model = None
     if not _is_net(kernel_or_model) and callable(kernel_or_model):
-        with _x64():
+        with x64():
             if _is_model(kernel_or_model, x, y, site, model_kwargs or {}):
                 model = kernel_or_model
     if model is not None:
@@ -598,7 +588,7 @@ def fit(
     kern = _as_kernel(kernel_or_model)
     if method == "nuts":
         _check_count("num_warmup", num_warmup)
-    with _x64():
+    with x64():
         st = _stats_checked(kern, x, y, noise)
         common = dict(
             chol=st.chol,
@@ -705,7 +695,7 @@ def _fit_nuts(prior, beta, logdet, num_obs, num_samples, num_warmup, key, common
 
 def _fit_model(model, x, y, kernel, noise, num_samples, num_warmup, key, site, model_kwargs):
     """NUTS on a user model; the ``site`` draws form the posterior."""
-    with _x64():
+    with x64():
         samples = _run_nuts(model, _key(key), num_samples, num_warmup, x, y=y, **model_kwargs)
         if site not in samples:
             raise ValueError(f"NUTS returned no draws of site {site!r} (is it observed?)")
@@ -785,7 +775,7 @@ class Predictive:
             raise ValueError(
                 f"y must have the shape of the mean {np.shape(self.mean)}, got {y.shape}"
             )
-        with _x64():
+        with x64():
             if self.ig_a is not None:
                 out = _t_log_prob(y, self.mean, self.unit_variance, self.ig_a, self.ig_b)
             else:
@@ -800,7 +790,7 @@ class Predictive:
         points sharing σ²."""
         _check_count("n", n)
         key = _key(key)
-        with _x64():
+        with x64():
             k1, k2 = jax.random.split(key)
             if self.ig_a is not None:
                 s2 = self.ig_b / jax.random.gamma(k1, self.ig_a, (n,), dtype=jnp.float64)
@@ -923,7 +913,7 @@ def predict(post: ScalePosterior, x_test, *, latent: bool = False, full_cov: boo
             "pass kernel= and noise= to fit"
         )
     x_test = _check_x_test(x_test, post.x)
-    with _x64():
+    with x64():
         mean, uvar, ucov = _conditional(
             post.kernel, post.x, jnp.asarray(post.chol), jnp.asarray(post.alpha), x_test, full_cov
         )
@@ -967,7 +957,7 @@ def student_t_predict(kernel_fn, x, y, x_test, a, b, noise_var):
     _check_positive("b", b)
     _check_positive("noise_var", noise_var)
     kern = _as_kernel(kernel_fn)
-    with _x64():
+    with x64():
         st = _stats_checked(kern, x, y, noise_var)
         mean, _, cov = _conditional(
             kern, x, jnp.asarray(st.chol), jnp.asarray(st.alpha), x_test, True
@@ -1033,7 +1023,7 @@ def trained_ensemble(
     _check_positive("noise", noise)
     _check_prior(prior)
     kern = _as_kernel(net)
-    with _x64():
+    with x64():
         st = _stats_checked(kern, x, y, noise)
         mean, uvar, ucov = _conditional(
             kern, x, jnp.asarray(st.chol), jnp.asarray(st.alpha), x_test, False
@@ -1169,7 +1159,7 @@ def fit_hyperparameters(
     for k, v in start.items():
         _check_positive(f"init[{k!r}]", v)
 
-    with _x64():
+    with x64():
         xj, yj = jnp.asarray(x), jnp.asarray(y)
         params = {k: jnp.log(jnp.asarray(v, jnp.float64)) for k, v in start.items()}
 
