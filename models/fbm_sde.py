@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 _HURST_EPS = 1e-3  # H = clip(sigmoid(raw), eps, 1 − eps): ω(H) is singular at 0 and 1
+_MAX_LOG_SCALE = 5.0  # |log s| of the guide's noise scale (noise_scale=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -192,6 +193,16 @@ class LatentSDE:
     :param kl_gradient: ``"exact"`` (unbiased for every objective) or ``"expected"`` (the
         gradient of the Girsanov expectation ½∫‖u‖²dt: lower variance, for the ELBO only;
         see :class:`~ppl.transforms.fbm.ControlledIncrements`).
+    :param noise_scale: ``False`` (default): the paper's posterior, which changes only the
+        drift (ΔW̃_n ~ N(u_n dt, dt)). ``True``: the control network also outputs a noise
+        scale s_n > 0 per step (ΔW̃_n ~ N(u_n dt, s_n² dt), s = 1 at initialisation), which
+        adds ½Σ(s_n² − 1 − log s_n²) to the path KL. This family exists only in discrete
+        time (the KL diverges as dt → 0 unless s → 1), but on the Euler grid it is much
+        richer. The drift-only guide cannot undo the noise of the last step before an
+        observation, and when that noise is large against the observation noise the ELBO
+        gap is large and depends on H, which biases the learned H toward smooth priors.
+        Both families are compared in ``benchmarks/fbm.py``, which also computes each
+        family's best possible gap exactly.
     :param seed: the PRNG seed of the network initialisation.
     """
 
@@ -212,6 +223,7 @@ class LatentSDE:
     context_dim: int | None = None
     x0: Any = None
     kl_gradient: str = "exact"
+    noise_scale: bool = False
     seed: int = 0
     nets: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -243,7 +255,14 @@ class LatentSDE:
         if self.encoder is not None and not ctx:
             raise ValueError("context_dim (the encoder's output size) is needed with encoder")
         nets = {
-            "control": _mlp(keys[0], d + d * k + 2 * ctx + 2, d, w, 2, zero_last=True),
+            "control": _mlp(
+                keys[0],
+                d + d * k + 3 * ctx + 4,
+                d * (2 if self.noise_scale else 1),
+                w,
+                2,
+                zero_last=True,
+            ),
             "q_x0": _mlp(keys[1], 3 * ctx, 2 * d, w, 1),
         }
         if self.drift == "mlp":
@@ -371,19 +390,40 @@ class LatentSDE:
             )  # fmt: skip
 
     def _control(self, ctx, ts):
-        """The control u(t, x, y) on [x, y, context(t), context(t + Δ), t/T, sin(πt/T)]."""
+        """The control u(t, x, y) of the guide, an MLP on the state and the data around t.
+
+        Inputs: the state ``x [D]`` and the OU states ``y [D, K]``; the context at the last
+        observation at or before t, at the next one after t and at the one after that
+        (``3 × C``); the time to the next observation and its log, in units of the mean
+        spacing Δ̄ = T / num_times; and t/T, sin(πt/T). The time to the next observation is
+        the phase the control needs: the optimal control of a linear-Gaussian SDE steers
+        toward the next observation with a gain that grows as it nears, so a network that
+        only sees t/T would have to learn a saw-tooth with one tooth per observation.
+        """
         control_net = _batched(eqx_module("control", self.nets["control"]))
         t_max = self.horizon if self.horizon is not None else float(ts[-1])
-        lookahead = t_max / max(len(ts) - 1, 1)
+        spacing = t_max / len(ts)
+        ts_arr = jnp.asarray(ts, dtype=ctx.dtype)
+        last_index = len(ts) - 1
 
         def control(t, x, y):
             lead = x.shape[:-1]  # [*particles, B]
-            c_now = jnp.broadcast_to(_interp_time(ctx, ts, t), (*lead, ctx.shape[-1]))
-            c_next = jnp.broadcast_to(_interp_time(ctx, ts, t + lookahead), (*lead, ctx.shape[-1]))
-            time_feats = jnp.stack([t / t_max, jnp.sin(jnp.pi * t / t_max)])
-            feats = [x, y.reshape(*y.shape[:-2], -1), c_now, c_next]
-            feats.append(jnp.broadcast_to(time_feats, (*x.shape[:-1], 2)))
-            return control_net(jnp.concatenate(feats, axis=-1))
+            nxt = jnp.minimum(jnp.searchsorted(ts_arr, t, side="right"), last_index)
+            idx = jnp.stack([jnp.maximum(nxt - 1, 0), nxt, jnp.minimum(nxt + 1, last_index)])
+            obs = jnp.take(ctx, idx, axis=1).reshape(ctx.shape[0], -1)  # [B, 3C]
+            obs = jnp.broadcast_to(obs, (*lead, obs.shape[-1]))
+            to_next = jnp.maximum(ts_arr[nxt] - t, 0.0) / spacing
+            time_feats = jnp.stack([
+                to_next, jnp.log(to_next + self.dt / spacing), t / t_max,
+                jnp.sin(jnp.pi * t / t_max),
+            ])  # fmt: skip
+            feats = [x, y.reshape(*y.shape[:-2], -1), obs]
+            feats.append(jnp.broadcast_to(time_feats, (*lead, time_feats.shape[0])))
+            out = control_net(jnp.concatenate(feats, axis=-1))
+            if not self.noise_scale:
+                return out
+            d = x.shape[-1]  # (u, s) with s = exp(raw) = 1 at the zero initialisation
+            return out[..., :d], jnp.exp(jnp.clip(out[..., d:], -_MAX_LOG_SCALE, _MAX_LOG_SCALE))
 
         return control
 
@@ -401,6 +441,10 @@ class LatentSDE:
         """
         if solver not in ("euler", "milstein"):
             raise ValueError(f"solver must be 'euler' or 'milstein', got {solver!r}")
+        if self.noise_scale:
+            raise ValueError(
+                "girsanov_loss is the drift-only reference loss: use noise_scale=False"
+            )
         ts, num = self._check(ts, ys, None)
         with numpyro.handlers.substitute(data=params):
             hurst = self._hurst()
@@ -524,18 +568,6 @@ class LatentSDE:
             fbm_type=self.fbm_type,
             exact_bm=self.hurst == "bm",
         )
-
-
-def _interp_time(ctx, ts, t):
-    """Linear interpolation of ``ctx [B, T, C]`` at a (traced) scalar time ``t``."""
-    ts = jnp.asarray(ts, dtype=ctx.dtype)
-    if ts.shape[0] == 1:
-        return ctx[:, 0]
-    t = jnp.clip(t, ts[0], ts[-1])
-    hi = jnp.clip(jnp.searchsorted(ts, t), 1, ts.shape[0] - 1)
-    lo = hi - 1
-    w = (t - ts[lo]) / (ts[hi] - ts[lo])
-    return ctx[:, lo] * (1.0 - w) + ctx[:, hi] * w
 
 
 # --------------------------------------------------------------------------- plot

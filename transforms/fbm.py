@@ -780,6 +780,16 @@ def fbm_sde(
     return apply_stack(msg)["value"]
 
 
+def _drift_and_scale(out, x):
+    """Split a control's output into ``(u, s)``: ``s`` is None for a drift-only control."""
+    if out is None:
+        return jnp.zeros_like(x), None
+    if isinstance(out, tuple):
+        u, s = out
+        return u, s
+    return out, None
+
+
 class ControlledIncrements(dist.Distribution):
     """The law of the Brownian increments of a controlled Markov SDE (a sequential Normal).
 
@@ -789,16 +799,23 @@ class ControlledIncrements(dist.Distribution):
     this law is −½ Σ u_n² dt (Girsanov): the ELBO and the importance weights over paths are
     the true ones for the discretised SDE.
 
+    A control may also return a pair ``(u, s)`` with a noise scale ``s > 0`` of the same
+    shape: then ΔW̃_n | past ~ N(u_n dt, s_n² dt). This family exists only in discrete time
+    (the expected log ratio gains ½Σ(s_n² − 1 − log s_n²), which diverges as dt → 0 unless
+    s → 1). On a coarse grid with precise observations it can undo the noise of the last step
+    before an observation, which a drift change alone cannot do.
+
     :param sde: a :class:`MarkovSDE`.
     :param x0: the start ``[*batch, D]``; ``y0``: ``[*batch, D, K]``.
-    :param num_steps: N; ``dt``: the step; ``control``: u(t, x, y) ``-> [*batch, D]``.
+    :param num_steps: N; ``dt``: the step; ``control``: u(t, x, y) ``-> [*batch, D]`` (or
+        ``-> (u, s)``, both ``[*batch, D]``).
     :param kl_gradient: ``"exact"`` (default): a drawn value's log density is differentiated
         as it is, so the gradient of log p − log q carries the zero-mean martingale term
-        −Σ ξ_n ∂u_n (ξ_n the Brownian part of ΔW̃_n), unbiased for every objective.
-        ``"expected"``: the same value, with that term removed from the gradient, so the
-        ELBO's gradient is that of the Girsanov expectation ½Σ u_n² dt (the reference's
-        estimator): lower variance, unbiased for the ELBO (any number of averaged
-        particles), **biased** for IWELBO/Rényi, whose weights correlate with ξ.
+        −Σ ξ_n ∂u_n (ξ_n = ΔW̃_n − u_n dt, the noise part of the increment), unbiased for
+        every objective. ``"expected"``: the same value, with that term removed from the
+        gradient, so the ELBO's gradient is that of the Girsanov expectation ½Σ u_n² dt (the
+        reference's estimator): lower variance, unbiased for the ELBO (any number of
+        averaged particles), **biased** for IWELBO/Rényi, whose weights correlate with ξ.
 
     Batch shape ``batch``, event shape ``[N, D]`` (values ``[*batch, N, D]``).
     """
@@ -822,17 +839,21 @@ class ControlledIncrements(dist.Distribution):
         """Walk the path; returns (controlled increments ``[*batch, N, D]``,
         Σ_n log N(ΔW̃_n; u_n dt, dt) ``[*batch]``, the path X ``[N+1, *batch, D]``)."""
         dt, sde, control = self.dt, self.sde, self.control
-        log_norm = -0.5 * math.log(2 * math.pi * dt)
 
         expected = add_drift and self.kl_gradient == "expected"
 
         def step(carry, d):
             x, y, t, lp = carry
-            u = control(t, x, y) if control is not None else jnp.zeros_like(x)
-            dw = d + u * dt if add_drift else d
-            lp = lp + jnp.sum(log_norm - 0.5 * (dw - u * dt) ** 2 / dt, axis=-1)
+            u, s = _drift_and_scale(control(t, x, y) if control is not None else None, x)
+            if add_drift:  # d is ξ_n ~ N(0, dt)
+                dw = (d if s is None else s * d) + u * dt
+            else:
+                dw = d
+            noise = dw - u * dt
+            var = dt if s is None else s * s * dt
+            lp = lp + jnp.sum(-0.5 * jnp.log(2 * math.pi * var) - 0.5 * noise**2 / var, axis=-1)
             if expected:  # value unchanged; gradient −Σ ξ ∂u cancels the martingale in log p
-                m = jnp.sum(d * u, axis=-1)
+                m = jnp.sum(noise * u, axis=-1)
                 lp = lp - m + jax.lax.stop_gradient(m)
             x, y = sde.step(t, x, y, dw, dt)
             return (x, y, t + dt, lp), (dw, x)
@@ -852,8 +873,9 @@ class ControlledIncrements(dist.Distribution):
         xi = jax.random.normal(key, shape, dtype=jnp.result_type(float)) * math.sqrt(self.dt)
         if self.control is None:
             return xi
-        # One pass gives the draw, its log density and the path: ξ ↦ ΔW̃ is triangular with a
-        # unit diagonal, so log q(ΔW̃) = Σ log N(ξ_n; 0, dt) in value and in θ-derivative.
+        # One pass gives the draw, its log density and the path: ξ ↦ ΔW̃ is triangular with
+        # diagonal s_n (1 without a scale), so log q(ΔW̃) = Σ log N(ξ_n; 0, dt) − Σ log s_n in
+        # value and in θ-derivative.
         value, lp, xs = self._scan(xi, add_drift=True)
         self._cache = (value, lp, xs)
         return value
