@@ -641,6 +641,13 @@ def _options(group):
     )
     group.add_argument("--width", type=int, default=64, help="MLP width (default: %(default)s)")
     group.add_argument(
+        "--noise-scale",
+        action="store_true",
+        help="the guide also learns a per-step noise scale (LatentSDE(noise_scale=True)); "
+        "much smaller ELBO gap, and less bias in the learned H, when the observations are "
+        "precise against the noise of one Euler step (default: the paper's drift-only guide)",
+    )
+    group.add_argument(
         "--true-hurst",
         type=float,
         default=0.7,
@@ -702,6 +709,7 @@ def _build(opts) -> Problem:
         # the ELBO's gradient of the Girsanov expectation (lower variance; unbiased for the
         # ELBO only): importance-weighted objectives keep the exact density-ratio gradient
         kl_gradient="expected" if getattr(opts, "objective", "elbo") == "elbo" else "exact",
+        noise_scale=bool(getattr(opts, "noise_scale", False)),
         seed=opts.seed if hasattr(opts, "seed") else 0,
     )
     ts_j, ys_j = jnp.asarray(ts), jnp.asarray(data["ys"])

@@ -335,30 +335,39 @@ def test_paths_on_the_grid_reproduce_the_guide_at_observation_times(fbm_type):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-_VI_BIAS = pytest.mark.xfail(
+_DRIFT_ONLY_FLOOR = pytest.mark.xfail(
     strict=True,
-    reason="measured Ĥ = 0.573 (H = 0.3) and 0.643 (H = 0.5): VI drifts to smoother priors "
-    "on rough paths (benchmarks/fbm.py B2; the Kalman MLE gets 0.275 / 0.495)",
+    reason="the drift-only Euler guide cannot reach it: its best possible ELBO (computed "
+    "exactly, benchmarks/fbm.py family_gaps) peaks at H = 0.55 on H = 0.3 data and at 0.65 on "
+    "H = 0.5 data (measured Ĥ 0.573 / 0.643); with noise_scale=True the floor is < 0.3 "
+    "nats per path and its peak is the evidence's",
 )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "true_h",
-    [pytest.param(0.3, marks=_VI_BIAS), pytest.param(0.5, marks=_VI_BIAS), 0.7],
+    "true_h, noise_scale",
+    [
+        (0.3, True),
+        (0.5, True),
+        (0.7, True),
+        pytest.param(0.3, False, marks=_DRIFT_ONLY_FLOOR),
+        pytest.param(0.5, False, marks=_DRIFT_ONLY_FLOOR),
+        (0.7, False),
+    ],
 )
-def test_vi_recovers_the_hurst_index(true_h):
+def test_vi_recovers_the_hurst_index(true_h, noise_scale):
     """Spec test 9: VI with a learnable H on 64 fOU paths (θ = σ = 1, 48 observations on
     (0, 2.4] with sd 0.05, type I, K = 5, γ_max = 10, dt = 1/30; seed 1): |Ĥ − H| ≤ 0.05
-    after 1500 Adam steps at 3e-3 (OU drift and σ learned too)."""
+    after 1500 Adam steps at 1e-2 (OU drift and σ learned too)."""
     import optax
 
     from ppl.inference import SVI
 
     d = simulate_fou(1, hurst=true_h, num_paths=64)
     sde = LatentSDE(dim=1, hurst=None, drift="ou", horizon=2.4, obs_sd=0.05,
-                    kl_gradient="expected")  # fmt: skip
-    svi = SVI(sde.model, sde.guide, optax.adam(3e-3))
+                    kl_gradient="expected", noise_scale=noise_scale)  # fmt: skip
+    svi = SVI(sde.model, sde.guide, optax.adam(1e-2))
     res = svi.run(jax.random.PRNGKey(0), 1500, jnp.asarray(d["ts"]), jnp.asarray(d["ys"]),
                   progress_bar=False)  # fmt: skip
     assert abs(sde.hurst_value(res.params) - true_h) <= 0.05
