@@ -132,10 +132,13 @@ def family_gaps(a, obs_sd, ys, num_fixed):
     )
 
 
-def linear_observations(sde, hurst, ts, x0=0.0):
-    """The Jacobian ``[T, K + n]`` of X at ``ts`` with respect to z = (ε, ξ) (module doc of
-    :func:`family_gaps`) for a LatentSDE whose drift and diffusion are linear / constant."""
-    m = markov_sde(sde.drift, sde.diffusion, hurst, num_ou=sde.num_ou, gamma_max=sde.gamma_max,
+def linear_observations(sde, hurst, ts, x0=0.0, theta=1.0, sigma=1.0):
+    """The Jacobian ``[T, K + n]`` of X at ``ts`` with respect to z = (ε, ξ) (see
+    :func:`family_gaps`) for a LatentSDE whose drift is linear (a callable, or ``"ou"`` at
+    ``theta``) and whose diffusion is constant (a callable, or ``"constant"`` at ``sigma``)."""
+    drift = sde.drift if callable(sde.drift) else (lambda t, x: -theta * x)
+    diffusion = sde.diffusion if callable(sde.diffusion) else (lambda t, x: sigma + 0.0 * x)
+    m = markov_sde(drift, diffusion, hurst, num_ou=sde.num_ou, gamma_max=sde.gamma_max,
                    horizon=sde.horizon, fbm_type=sde.fbm_type)  # fmt: skip
     n, dt = int(math.ceil(sde.horizon / sde.dt - 1e-9)), sde.dt
     tril, k = m.y0_scale_tril(), sde.num_ou
