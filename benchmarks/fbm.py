@@ -381,7 +381,8 @@ def b3(hursts, steps, batch=16, num_train=128, num_test=32):
     header(
         "B3: mini-video (blob on a 2-d fOU path, 32×32, 20 frames, frame dt 0.1)",
         [
-            f"video_sde (conv encoder/decoder, D = 2, K = 5, γ_max = 10, dt = 1/30), {steps} "
+            f"video_sde (conv encoder/decoder, D = 2, K = 5, γ_max = 10, dt = 1/30, guide "
+            f"with a learned noise scale), {steps} "
             f"Adam steps at 3e-3 on minibatches of {batch} from {num_train} clips; test ELBO "
             f"per clip on {num_test} new clips; MSE of the frames of 16 posterior paths' "
             "mean against the clean test frames (per pixel).",
@@ -398,7 +399,8 @@ def b3(hursts, steps, batch=16, num_train=128, num_test=32):
             (ts, jnp.asarray(ys[rng.choice(num_train, batch, replace=False)])) for _ in range(steps)
         ]
         for label, hurst in (("MA-fBM", None), ("BM", "bm")):
-            sde = video_sde(hurst=hurst, horizon=float(ts[-1]), kl_gradient="expected")
+            sde = video_sde(hurst=hurst, horizon=float(ts[-1]), kl_gradient="expected",
+                            noise_scale=True)  # fmt: skip
             res, t_comp, t_step = train(sde, None, None, steps, 3e-3, batches=batches)
             params = res.state.params
             elbo, se = elbo_per_sequence(sde, params, ts, jnp.asarray(te["ys"]), keys=4)
