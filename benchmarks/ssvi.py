@@ -72,7 +72,7 @@ def step_memory(result, data, batch_size=128) -> int:
     )
 
 
-def run_one(arch, density, steps, seed, kl_weight, lr):
+def run_one(arch, density, steps, seed, kl_weight, lr, allocation="uniform"):
     data = bnn.load_digits(images=arch == "cnn")
     base = bnn.mlp if arch == "mlp" else bnn.cnn
     model = partial(base, kl_weight=kl_weight)
@@ -89,6 +89,7 @@ def run_one(arch, density, steps, seed, kl_weight, lr):
         key=jax.random.PRNGKey(seed),
         eval_every=max(1, steps // 500),
         dense_sites=dense_sites,
+        allocation=allocation,
     )
     wall = time.perf_counter() - tic
     idata = result.to_inference_data(
@@ -169,6 +170,12 @@ def main(argv=None):
     parser.add_argument("--kl-weight", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--densities", type=str, default=None, help="comma list")
+    parser.add_argument(
+        "--allocation",
+        choices=("uniform", "erk"),
+        default="uniform",
+        help="per-layer density: uniform (the reference) or ERK (same total active count)",
+    )
     opts = parser.parse_args(argv)
     archs = opts.arch or ["mlp", "cnn"]
     repeats = opts.repeats or (1 if opts.quick else 3)
@@ -178,7 +185,8 @@ def main(argv=None):
         densities = [1.0, 0.1] if opts.quick else [1.0, 0.5, 0.2, 0.1, 0.05]
     print(
         f"# SSVI benchmark (jax {jax.__version__}, {jax.default_backend()}, "
-        f"{jax.device_count()} device(s)); β = {opts.kl_weight}, Adam {opts.lr}, batch 128"
+        f"{jax.device_count()} device(s)); β = {opts.kl_weight}, Adam {opts.lr}, batch 128, "
+        f"allocation {opts.allocation}"
     )
     for arch in archs:
         steps = opts.steps or {("mlp", True): 300, ("cnn", True): 150}.get(
@@ -188,7 +196,7 @@ def main(argv=None):
         rows = {}
         for density in densities:
             runs = [
-                run_one(arch, density, steps, seed, opts.kl_weight, opts.lr)
+                run_one(arch, density, steps, seed, opts.kl_weight, opts.lr, opts.allocation)
                 for seed in range(repeats)
             ]
             rows[density] = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}

@@ -299,6 +299,13 @@ def _options(group):
         "--kl-weight", type=float, default=0.1, help="β of the tempered ELBO (default: 0.1)"
     )
     group.add_argument(
+        "--allocation",
+        choices=("uniform", "erk"),
+        default="uniform",
+        help="per-layer density: uniform (the reference) or erk (small layers denser; "
+        "same total active count) (default: uniform)",
+    )
+    group.add_argument(
         "--criterion",
         default="snr_abs",
         choices=("magnitude", "snr", "snr_abs", "mean_abs", "exp_mean_abs", "snr_exp_abs"),
@@ -352,11 +359,14 @@ def fit(
     eval_every: int = 2,
     key=None,
     dense_sites=(),
+    allocation: str = "uniform",
 ):
     """Train SSVI on ``data`` (from :func:`load_digits`) and keep the checkpoint with the
     best validation accuracy of the posterior-mean network (never the test split).
 
-    Density 1 trains plain dense mean-field VI through the same code path.
+    Density 1 trains plain dense mean-field VI through the same code path. ``allocation``
+    (``"uniform"`` or ``"erk"``) spreads ``density`` over the sparse sites
+    (:func:`ppl.transforms.sparse_subspace`).
     :returns: ``(result, best)``: the :class:`ppl.inference.SSVIResult` (with the selected
         params and support) and ``{"step", "val_accuracy"}`` of the selection.
     """
@@ -373,6 +383,7 @@ def fit(
         init_loc=(0.0, "fan_in"),
         init_scale=(1e-3, 0.0),
         dense_sites=dense_sites,
+        allocation=allocation,
     )
     x_val, y_val = jnp.asarray(data["x_val"]), np.asarray(data["y_val"])
     ssvi = SSVI(
@@ -452,6 +463,7 @@ def _fit(spec, problem: Problem, opts, rng_key) -> FitResult:
         objective=objective,
         key=rng_key,
         dense_sites=("first",) if opts.arch == "cnn" and density < 1 else (),
+        allocation=getattr(opts, "allocation", "uniform"),
     )
     k1, k2, k3 = jax.random.split(jax.random.fold_in(rng_key, 1), 3)
     idata = result.to_inference_data(key=k1, num_samples=opts.num_samples, args=problem.eval_args)

@@ -368,6 +368,37 @@ def test_active_count_storage_compilation_and_inference_data(data):
     np.testing.assert_array_equal(counts, [36, 72, 180])
 
 
+def test_erk_allocation_keeps_the_budget_and_densifies_small_layers():
+    from ppl.models import bnn
+    from ppl.transforms import erk_densities
+
+    # the digits MLP-S: ε·(n_in + n_out)/(n_in·n_out) per layer, one ε for the whole budget
+    shapes = {"w0": (64, 256), "w1": (256, 256), "w2": (256, 10)}
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    d = erk_densities(shapes, 0.1)
+    eps = 0.1 * sum(sizes.values()) / sum(sum(s) for s in shapes.values())
+    for n, s in shapes.items():
+        assert d[n] == pytest.approx(eps * sum(s) / sizes[n], rel=1e-12)
+    assert d["w2"] > d["w0"] > 0.1 > d["w1"]
+    # the CNN's head would exceed density 1: it is made dense and ε re-solved for the conv
+    d = erk_densities({"conv1": (3, 3, 32, 64), "w_out": (64, 10)}, 0.1)
+    assert d["w_out"] == 1.0
+    assert d["conv1"] == pytest.approx((0.1 * (18432 + 640) - 640) / 18432, rel=1e-12)
+    # through the transform: the total active count is the uniform one (up to rounding)
+    x, y = jnp.ones((2, 8, 8, 1)), jnp.zeros(2, jnp.int32)
+    counts = {}
+    for allocation in ("uniform", "erk"):
+        guide, init_state = sparse_subspace(
+            bnn.cnn, 0.1, dense_sites=("first",), allocation=allocation
+        )
+        state = init_state(jax.random.PRNGKey(0), x, y)
+        counts[allocation] = {n: int(v.shape[0]) for n, v in state.idx.items()}
+    assert counts["uniform"] == {"conv1": 1843, "w_out": 64}
+    assert counts["erk"] == {"conv1": 1267, "w_out": 640}
+    with pytest.raises(ValueError, match="allocation"):
+        sparse_subspace(bnn.cnn, 0.1, allocation="nope")
+
+
 # ------------------------------------------------------------------ T7: linear regression
 
 
