@@ -360,19 +360,23 @@ def fit(
     key=None,
     dense_sites=(),
     allocation: str = "uniform",
+    lr_scale: bool = True,
 ):
     """Train SSVI on ``data`` (from :func:`load_digits`) and keep the checkpoint with the
     best validation accuracy of the posterior-mean network (never the test split).
 
     Density 1 trains plain dense mean-field VI through the same code path. ``allocation``
     (``"uniform"`` or ``"erk"``) spreads ``density`` over the sparse sites
-    (:func:`ppl.transforms.sparse_subspace`).
+    (:func:`ppl.transforms.sparse_subspace`). With ``lr_scale`` the step of each sparse
+    site's μ is scaled by ``1/√density`` (:func:`ppl.inference.ssvi.density_scaled`), to
+    match the ``1/√(density·fan_in)`` init: without it a sparse layer's relative step under
+    Adam is ``√density`` times the dense one's and SSVI is undertrained at the same budget.
     :returns: ``(result, best)``: the :class:`ppl.inference.SSVIResult` (with the selected
         params and support) and ``{"step", "val_accuracy"}`` of the selection.
     """
     import optax
 
-    from ppl.inference.ssvi import SSVI
+    from ppl.inference.ssvi import SSVI, density_scaled
     from ppl.transforms import sparse_subspace
 
     key = jax.random.PRNGKey(0) if key is None else key
@@ -386,10 +390,11 @@ def fit(
         allocation=allocation,
     )
     x_val, y_val = jnp.asarray(data["x_val"]), np.asarray(data["y_val"])
+    opt = optax.adam(lr)
     ssvi = SSVI(
         model,
         guide,
-        optax.adam(lr),
+        density_scaled(opt, guide) if lr_scale else opt,
         objective,
         every=every,
         alpha=alpha if density < 1 else 0.0,

@@ -399,6 +399,36 @@ def test_erk_allocation_keeps_the_budget_and_densifies_small_layers():
         sparse_subspace(bnn.cnn, 0.1, allocation="nope")
 
 
+def test_density_scaled_step_matches_the_fan_in_init():
+    # μ of a site at density ρ is initialised 1/√ρ times larger ("fan_in"), so its Adam step
+    # must be 1/√ρ times larger for the same relative change per step as the dense site
+    from ppl.inference import density_scaled
+    from ppl.models import bnn
+
+    x, y = jnp.ones((4, 64)), jnp.zeros(4, jnp.int32)
+    model = partial(bnn.mlp, widths=(32,))
+    guide, init_state = sparse_subspace(model, 0.1, init_loc=(0.0, "fan_in"))
+    state = init_state(jax.random.PRNGKey(0), x, y)
+    params = guide.init_params(jax.random.PRNGKey(1), state, x, y)
+    dense_guide_, dense_init = sparse_subspace(model, 1.0, sites=(), init_loc=(0.0, "fan_in"))
+    dense_params = dense_guide_.init_params(
+        jax.random.PRNGKey(1), dense_init(jax.random.PRNGKey(0), x, y), x, y
+    )
+    opt = density_scaled(optax.adam(1e-3), guide)
+    grads = jax.tree.map(jnp.ones_like, params)
+    upd, _ = opt.update(grads, opt.init(params), params)
+    for site, size in (("w0", 64 * 32), ("w1", 32 * 10)):
+        s = round(0.1 * size)
+        np.testing.assert_allclose(np.abs(upd[site + "_loc"]), 1e-3 * math.sqrt(size / s), 1e-4)
+        np.testing.assert_allclose(np.abs(upd[site + "_rho"]), 1e-3, rtol=1e-4)
+        # relative step |Δμ| / sd(μ₀): the same as the dense site's under plain Adam
+        rel_sparse = float(np.abs(upd[site + "_loc"]).mean() / np.std(params[site + "_loc"]))
+        rel_dense = float(1e-3 / np.std(dense_params[site + "_loc"]))
+        assert rel_sparse == pytest.approx(rel_dense, rel=0.3)
+    for name in ("b0", "b1"):
+        np.testing.assert_allclose(np.abs(upd[name + "_loc"]), 1e-3, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ T7: linear regression
 
 
