@@ -4,10 +4,12 @@ against sparse subspace VI on scikit-learn digits.
 For the MLP (64→256→256→10, every weight matrix sparse) and the small CNN (conv 1→32 dense,
 conv 32→64 and the 64→10 head sparse), dense MF-VI (``density 1``: plain dense ops) and
 SSVI at densities 0.5, 0.2, 0.1, 0.05 (``snr_abs``, grow by gradient, α = 0.3, ΔT = 50,
-T_end = 0.75 of the run, Adam, batch 128, prior N(0, 1), tempered ELBO with β
-``--kl-weight``) are trained with :func:`ppl.models.bnn.fit` (checkpoint selected on the
-validation split) and evaluated on the test split with 32 posterior draws from
-``InferenceData``:
+T_end = 0.75 of the run, Adam with each sparse μ's step scaled by 1/density
+(:func:`ppl.inference.ssvi.density_scaled`: the effective fan-in), batch 128, prior
+N(0, 1), tempered ELBO with β ``--kl-weight``; uniform per-layer density as in the
+reference, ``--allocation erk`` for ERK with the same total active count) are trained
+with :func:`ppl.models.bnn.fit` (checkpoint selected on the validation split) and
+evaluated on the test split with 32 posterior draws from ``InferenceData``:
 
 * accuracy, NLL of the averaged probability, top-label ECE (15 equal-width bins), entropy
   on rotated test digits (OOD);
@@ -174,7 +176,8 @@ def main(argv=None):
         "--allocation",
         choices=("uniform", "erk"),
         default="uniform",
-        help="per-layer density: uniform (the reference) or ERK (same total active count)",
+        help="per-layer density: uniform (default, the reference) or ERK (same total active "
+        "count, small layers such as the 64→10 CNN head denser)",
     )
     opts = parser.parse_args(argv)
     archs = opts.arch or ["mlp", "cnn"]

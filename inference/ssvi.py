@@ -57,19 +57,22 @@ def cosine_fraction(t, t_end, alpha):
     return jnp.where(t < t_end, f, 0.0)
 
 
-def density_scaled(optimizer, guide: SparseGuide, *, power: float = 0.5):
+def density_scaled(optimizer, guide: SparseGuide, *, power: float = 1.0):
     """Wrap an optax optimizer so that each sparse site's mean moves ``(size/s)^power``
-    times as far per step (``1/√density`` by default); every other parameter is unchanged.
+    times as far per step (``1/density`` by default); every other parameter is unchanged.
 
-    Why: a weight site at density ρ has ρ× fewer inputs per unit, so its weights must be
-    ``1/√ρ`` times larger to carry the same signal (the ``"fan_in"`` init of
-    :func:`ppl.transforms.sparse_subspace` is scaled so). Adam's step is about ``lr`` per
-    coordinate whatever the gradient's scale, so at one ``lr`` a sparse layer's relative
-    change per step is ``√ρ`` times that of the dense layer, and SSVI trains slower than
-    dense VI for the same budget. Scaling the step of μ by ``1/√ρ`` restores the dense
-    layer's relative step (ρ of the scale parameters stays unscaled: σ = softplus(ρ) is not
-    tied to the fan-in). The optimizer state is the wrapped one's, unchanged in structure,
-    so :func:`ppl.transforms.update_support` resets its moments as before.
+    Why: a unit of a weight site at density ρ sums ρ× fewer inputs (its effective fan-in is
+    ``ρ·fan_in``). Adam's step is about ``lr`` per coordinate whatever the gradient's scale,
+    so at one ``lr`` a sparse layer's output moves ρ times as far per step as the dense
+    layer's (sign-coherent updates), and SSVI trains slower than dense VI for the same
+    budget (the digits CNN at density 0.1 was 32 points behind after 600 steps). With
+    ``power = 1`` the layer's output moves as far as the dense one's, the Adam rule
+    ``lr ∝ 1/fan_in`` of the maximal-update parametrisation (Yang & Hu, 2021) applied to
+    the effective fan-in; ``power = 0.5`` keeps the step relative to the
+    ``1/√(ρ·fan_in)`` init scale instead. ρ of the scale parameters stays unscaled
+    (σ = softplus(ρ) is not tied to the fan-in). The optimizer state is the wrapped one's,
+    unchanged in structure, so :func:`ppl.transforms.update_support` resets its moments as
+    before.
 
     :param optimizer: an ``optax.GradientTransformation`` over the guide's params.
     :param guide: the :class:`ppl.transforms.SparseGuide` (its sites are read at the first
@@ -86,7 +89,7 @@ def density_scaled(optimizer, guide: SparseGuide, *, power: float = 0.5):
     >>> g = {"w_loc": -jnp.ones(25), "w_rho": -jnp.ones(25)}
     >>> upd, _ = opt.update(g, opt.init(g))
     >>> float(upd["w_loc"][0]), float(upd["w_rho"][0])
-    (2.0, 1.0)
+    (4.0, 1.0)
     """
     if not isinstance(guide, SparseGuide):
         raise TypeError(f"guide must be a SparseGuide, got {type(guide).__name__}")

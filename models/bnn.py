@@ -360,17 +360,17 @@ def fit(
     key=None,
     dense_sites=(),
     allocation: str = "uniform",
-    lr_scale: bool = True,
+    lr_scale: float = 1.0,
 ):
     """Train SSVI on ``data`` (from :func:`load_digits`) and keep the checkpoint with the
     best validation accuracy of the posterior-mean network (never the test split).
 
     Density 1 trains plain dense mean-field VI through the same code path. ``allocation``
     (``"uniform"`` or ``"erk"``) spreads ``density`` over the sparse sites
-    (:func:`ppl.transforms.sparse_subspace`). With ``lr_scale`` the step of each sparse
-    site's μ is scaled by ``1/√density`` (:func:`ppl.inference.ssvi.density_scaled`), to
-    match the ``1/√(density·fan_in)`` init: without it a sparse layer's relative step under
-    Adam is ``√density`` times the dense one's and SSVI is undertrained at the same budget.
+    (:func:`ppl.transforms.sparse_subspace`). The step of each sparse site's μ is scaled by
+    ``density^(−lr_scale)`` (:func:`ppl.inference.ssvi.density_scaled`; 0 turns it off):
+    without it a sparse layer's output moves ``density`` times as far per Adam step as the
+    dense layer's and SSVI is undertrained at the same budget.
     :returns: ``(result, best)``: the :class:`ppl.inference.SSVIResult` (with the selected
         params and support) and ``{"step", "val_accuracy"}`` of the selection.
     """
@@ -394,7 +394,7 @@ def fit(
     ssvi = SSVI(
         model,
         guide,
-        density_scaled(opt, guide) if lr_scale else opt,
+        density_scaled(opt, guide, power=lr_scale) if lr_scale else opt,
         objective,
         every=every,
         alpha=alpha if density < 1 else 0.0,
