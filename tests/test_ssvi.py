@@ -404,13 +404,19 @@ def test_density_scaled_step_moves_a_sparse_layer_like_the_dense_one():
     # sums density·fan_in of them per unit, so its μ step is scaled by 1/density for its
     # output to move as far as the dense layer's (sign-coherent first step, input of ones)
     from ppl.inference import density_scaled
-    from ppl.models import bnn
 
-    x, y = jnp.ones((4, 64)), jnp.zeros(4, jnp.int32)
-    model = partial(bnn.mlp, widths=(32,))
+    def model():
+        for i, (n_in, n_out) in enumerate(((64, 32), (32, 10))):
+            numpyro.sample(f"w{i}", dist.Normal(0.0, 1.0).expand([n_in, n_out]).to_event(2))
+            numpyro.sample(f"b{i}", dist.Normal(0.0, 1.0).expand([n_out]).to_event(1))
+
     guide, init_state = sparse_subspace(model, 0.1, init_loc=(0.0, "fan_in"))
-    state = init_state(jax.random.PRNGKey(0), x, y)
-    params = guide.init_params(jax.random.PRNGKey(1), state, x, y)
+    state = init_state(jax.random.PRNGKey(0))
+    params = {
+        f"{n}_{p}": jnp.zeros(site.nse if site.nse else site.shape)
+        for n, site in guide.sites.items()
+        for p in ("loc", "rho")
+    }
     grads = jax.tree.map(jnp.ones_like, params)
     lr = 1e-3
     for power in (1.0, 0.5):
