@@ -4,10 +4,12 @@ against sparse subspace VI on scikit-learn digits.
 For the MLP (64→256→256→10, every weight matrix sparse) and the small CNN (conv 1→32 dense,
 conv 32→64 and the 64→10 head sparse), dense MF-VI (``density 1``: plain dense ops) and
 SSVI at densities 0.5, 0.2, 0.1, 0.05 (``snr_abs``, grow by gradient, α = 0.3, ΔT = 50,
-T_end = 0.75 of the run, Adam, batch 128, prior N(0, 1), tempered ELBO with β
-``--kl-weight``) are trained with :func:`ppl.models.bnn.fit` (checkpoint selected on the
-validation split) and evaluated on the test split with 32 posterior draws from
-``InferenceData``:
+T_end = 0.75 of the run, Adam with each sparse μ's step scaled by 1/density
+(:func:`ppl.inference.ssvi.density_scaled`: the effective fan-in), batch 128, prior
+N(0, 1), tempered ELBO with β ``--kl-weight``; uniform per-layer density as in the
+reference, ``--allocation erk`` for ERK with the same total active count) are trained
+with :func:`ppl.models.bnn.fit` (checkpoint selected on the validation split) and
+evaluated on the test split with 32 posterior draws from ``InferenceData``:
 
 * accuracy, NLL of the averaged probability, top-label ECE (15 equal-width bins), entropy
   on rotated test digits (OOD);
@@ -72,7 +74,7 @@ def step_memory(result, data, batch_size=128) -> int:
     )
 
 
-def run_one(arch, density, steps, seed, kl_weight, lr):
+def run_one(arch, density, steps, seed, kl_weight, lr, allocation="uniform"):
     data = bnn.load_digits(images=arch == "cnn")
     base = bnn.mlp if arch == "mlp" else bnn.cnn
     model = partial(base, kl_weight=kl_weight)
@@ -89,6 +91,7 @@ def run_one(arch, density, steps, seed, kl_weight, lr):
         key=jax.random.PRNGKey(seed),
         eval_every=max(1, steps // 500),
         dense_sites=dense_sites,
+        allocation=allocation,
     )
     wall = time.perf_counter() - tic
     idata = result.to_inference_data(
@@ -169,6 +172,13 @@ def main(argv=None):
     parser.add_argument("--kl-weight", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--densities", type=str, default=None, help="comma list")
+    parser.add_argument(
+        "--allocation",
+        choices=("uniform", "erk"),
+        default="uniform",
+        help="per-layer density: uniform (default, the reference) or ERK (same total active "
+        "count, small layers such as the 64→10 CNN head denser)",
+    )
     opts = parser.parse_args(argv)
     archs = opts.arch or ["mlp", "cnn"]
     repeats = opts.repeats or (1 if opts.quick else 3)
@@ -178,7 +188,8 @@ def main(argv=None):
         densities = [1.0, 0.1] if opts.quick else [1.0, 0.5, 0.2, 0.1, 0.05]
     print(
         f"# SSVI benchmark (jax {jax.__version__}, {jax.default_backend()}, "
-        f"{jax.device_count()} device(s)); β = {opts.kl_weight}, Adam {opts.lr}, batch 128"
+        f"{jax.device_count()} device(s)); β = {opts.kl_weight}, Adam {opts.lr}, batch 128, "
+        f"allocation {opts.allocation}"
     )
     for arch in archs:
         steps = opts.steps or {("mlp", True): 300, ("cnn", True): 150}.get(
@@ -188,7 +199,7 @@ def main(argv=None):
         rows = {}
         for density in densities:
             runs = [
-                run_one(arch, density, steps, seed, opts.kl_weight, opts.lr)
+                run_one(arch, density, steps, seed, opts.kl_weight, opts.lr, opts.allocation)
                 for seed in range(repeats)
             ]
             rows[density] = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}

@@ -16,6 +16,7 @@ _EXPORTS = {
     "SSVI": ".ssvi",
     "SSVIResult": ".ssvi",
     "cosine_fraction": ".ssvi",
+    "density_scaled": ".ssvi",
 }
 
 #: Algorithm modules reachable as attributes (``ppl.inference.sbl``).

@@ -37,7 +37,7 @@ from ppl.transforms.subspace import (
     update_support,
 )
 
-__all__ = ["SSVI", "SSVIResult", "cosine_fraction", "scale_observed"]
+__all__ = ["SSVI", "SSVIResult", "cosine_fraction", "density_scaled", "scale_observed"]
 
 
 def cosine_fraction(t, t_end, alpha):
@@ -55,6 +55,64 @@ def cosine_fraction(t, t_end, alpha):
     t = jnp.asarray(t, jnp.float32)
     f = 0.5 * alpha * (1.0 + jnp.cos(jnp.pi * t / t_end))
     return jnp.where(t < t_end, f, 0.0)
+
+
+def density_scaled(optimizer, guide: SparseGuide, *, power: float = 1.0):
+    """Wrap an optax optimizer so that each sparse site's mean moves ``(size/s)^power``
+    times as far per step (``1/density`` by default); every other parameter is unchanged.
+
+    Why: a unit of a weight site at density ρ sums ρ× fewer inputs (its effective fan-in is
+    ``ρ·fan_in``). Adam's step is about ``lr`` per coordinate whatever the gradient's scale,
+    so at one ``lr`` a sparse layer's output moves ρ times as far per step as the dense
+    layer's (sign-coherent updates), and SSVI trains slower than dense VI for the same
+    budget (the digits CNN at density 0.1 was 32 points behind after 600 steps). With
+    ``power = 1`` the layer's output moves as far as the dense one's, the Adam rule
+    ``lr ∝ 1/fan_in`` of the maximal-update parametrisation (Yang & Hu, 2021) applied to
+    the effective fan-in; ``power = 0.5`` keeps the step relative to the
+    ``1/√(ρ·fan_in)`` init scale instead. ρ of the scale parameters stays unscaled
+    (σ = softplus(ρ) is not tied to the fan-in). The optimizer state is the wrapped one's,
+    unchanged in structure, so :func:`ppl.transforms.update_support` resets its moments as
+    before.
+
+    :param optimizer: an ``optax.GradientTransformation`` over the guide's params.
+    :param guide: the :class:`ppl.transforms.SparseGuide` (its sites are read at the first
+        update, after ``init_state``).
+    :param power: the exponent (0: no scaling).
+
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, optax
+    >>> from ppl.transforms import sparse_subspace
+    >>> def model():
+    ...     numpyro.sample("w", dist.Normal(0.0, 1.0).expand([10, 10]).to_event(2))
+    >>> guide, init_state = sparse_subspace(model, 0.25)
+    >>> state = init_state(jax.random.PRNGKey(0))
+    >>> opt = density_scaled(optax.sgd(1.0), guide)
+    >>> g = {"w_loc": -jnp.ones(25), "w_rho": -jnp.ones(25)}
+    >>> upd, _ = opt.update(g, opt.init(g))
+    >>> float(upd["w_loc"][0]), float(upd["w_rho"][0])
+    (4.0, 1.0)
+    """
+    if not isinstance(guide, SparseGuide):
+        raise TypeError(f"guide must be a SparseGuide, got {type(guide).__name__}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError("optimizer must be an optax.GradientTransformation")
+    power = float(power)
+
+    def multipliers():
+        if guide.sites is None:
+            raise RuntimeError("density_scaled: call init_state(key, *args) on the guide first")
+        return {
+            f"{name}_loc": (site.size / site.nse) ** power
+            for name, site in guide.sites.items()
+            if site.nse is not None and site.nse < site.size
+        }
+
+    def update(updates, state, params=None):
+        updates, state = optimizer.update(updates, state, params)
+        mult = multipliers()
+        updates = {k: (v * mult[k] if k in mult else v) for k, v in updates.items()}
+        return updates, state
+
+    return optax.GradientTransformation(optimizer.init, update)
 
 
 class scale_observed(Messenger):
@@ -104,7 +162,9 @@ class SSVIResult:
             out[name] = loc + scale * eps
         return out
 
-    def to_inference_data(self, key=None, num_samples: int = 100, args=None, kwargs=None):
+    def to_inference_data(
+        self, key=None, num_samples: int = 100, args=None, kwargs=None, batch_size=None
+    ):
         """ArviZ ``InferenceData`` from ``num_samples`` guide draws (one chain).
 
         ``posterior[site]`` has dims ``(chain, draw, "{site}_active")`` for sparse sites
@@ -113,6 +173,11 @@ class SSVIResult:
         deterministic sites), ``log_likelihood``, ``observed_data`` at ``args`` (default:
         the training arguments); ``sample_stats["loss"]`` over ``step``;
         ``attrs["support_history"]`` (JSON).
+
+        :param batch_size: draws evaluated at once (``lax.map``); default 1 when the guide
+            has sparse sites (a sparse layer materialises a ``[s, batch·H·W]`` gather per
+            draw, so vectorising 32 draws of the digits CNN at density 0.5 asked for 28 GB),
+            else ``min(num_samples, 50)``.
         """
         import arviz as az
         import xarray as xr
@@ -121,6 +186,9 @@ class SSVIResult:
         from ppl.inference.arviz import _Unobserve, check_positive_int
 
         num_samples = check_positive_int(num_samples, "num_samples")
+        if batch_size is None:
+            batch_size = 1 if self.state.idx else min(num_samples, 50)
+        batch_size = check_positive_int(batch_size, "batch_size")
         key = jax.random.PRNGKey(0) if key is None else key
         args = self.args if args is None else tuple(args)
         kwargs = dict(self.kwargs if kwargs is None else kwargs)
@@ -148,7 +216,9 @@ class SSVIResult:
             return pp, ll
 
         keys = jax.random.split(k_pred, num_samples)
-        pp, ll = jax.lax.map(lambda a: one(*a), (keys, draws), batch_size=min(num_samples, 50))
+        pp, ll = jax.lax.map(
+            lambda a: one(*a), (keys, draws), batch_size=min(num_samples, batch_size)
+        )
         proto = trace(seed(substitute(model, data=wrap({n: v[0] for n, v in draws.items()})), 0))
         proto = proto.get_trace(*args, **kwargs)
 

@@ -299,6 +299,13 @@ def _options(group):
         "--kl-weight", type=float, default=0.1, help="β of the tempered ELBO (default: 0.1)"
     )
     group.add_argument(
+        "--allocation",
+        choices=("uniform", "erk"),
+        default="uniform",
+        help="per-layer density: uniform (the reference) or erk (small layers denser; "
+        "same total active count) (default: uniform)",
+    )
+    group.add_argument(
         "--criterion",
         default="snr_abs",
         choices=("magnitude", "snr", "snr_abs", "mean_abs", "exp_mean_abs", "snr_exp_abs"),
@@ -352,17 +359,24 @@ def fit(
     eval_every: int = 2,
     key=None,
     dense_sites=(),
+    allocation: str = "uniform",
+    lr_scale: float = 1.0,
 ):
     """Train SSVI on ``data`` (from :func:`load_digits`) and keep the checkpoint with the
     best validation accuracy of the posterior-mean network (never the test split).
 
-    Density 1 trains plain dense mean-field VI through the same code path.
+    Density 1 trains plain dense mean-field VI through the same code path. ``allocation``
+    (``"uniform"`` or ``"erk"``) spreads ``density`` over the sparse sites
+    (:func:`ppl.transforms.sparse_subspace`). The step of each sparse site's μ is scaled by
+    ``density^(−lr_scale)`` (:func:`ppl.inference.ssvi.density_scaled`; 0 turns it off):
+    without it a sparse layer's output moves ``density`` times as far per Adam step as the
+    dense layer's and SSVI is undertrained at the same budget.
     :returns: ``(result, best)``: the :class:`ppl.inference.SSVIResult` (with the selected
         params and support) and ``{"step", "val_accuracy"}`` of the selection.
     """
     import optax
 
-    from ppl.inference.ssvi import SSVI
+    from ppl.inference.ssvi import SSVI, density_scaled
     from ppl.transforms import sparse_subspace
 
     key = jax.random.PRNGKey(0) if key is None else key
@@ -373,12 +387,14 @@ def fit(
         init_loc=(0.0, "fan_in"),
         init_scale=(1e-3, 0.0),
         dense_sites=dense_sites,
+        allocation=allocation,
     )
     x_val, y_val = jnp.asarray(data["x_val"]), np.asarray(data["y_val"])
+    opt = optax.adam(lr)
     ssvi = SSVI(
         model,
         guide,
-        optax.adam(lr),
+        density_scaled(opt, guide, power=lr_scale) if lr_scale else opt,
         objective,
         every=every,
         alpha=alpha if density < 1 else 0.0,
@@ -452,6 +468,7 @@ def _fit(spec, problem: Problem, opts, rng_key) -> FitResult:
         objective=objective,
         key=rng_key,
         dense_sites=("first",) if opts.arch == "cnn" and density < 1 else (),
+        allocation=getattr(opts, "allocation", "uniform"),
     )
     k1, k2, k3 = jax.random.split(jax.random.fold_in(rng_key, 1), 3)
     idata = result.to_inference_data(key=k1, num_samples=opts.num_samples, args=problem.eval_args)

@@ -55,6 +55,9 @@ def test_conv2d_matches_lax_conv(stride, padding):
     got = jax.jit(partial(conv2d, stride=stride, padding=padding))(x, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the dense-kernel path (im2col + matmul) is the same convolution
+    dense = jax.jit(partial(conv2d, stride=stride, padding=padding))(x, to_dense(w))
+    np.testing.assert_allclose(dense, want, rtol=1e-5, atol=1e-5)
 
 
 def test_conv2d_batched_kernel_values():

@@ -368,6 +368,76 @@ def test_active_count_storage_compilation_and_inference_data(data):
     np.testing.assert_array_equal(counts, [36, 72, 180])
 
 
+def test_erk_allocation_keeps_the_budget_and_densifies_small_layers():
+    from ppl.models import bnn
+    from ppl.transforms import erk_densities
+
+    # the digits MLP-S: ε·(n_in + n_out)/(n_in·n_out) per layer, one ε for the whole budget
+    shapes = {"w0": (64, 256), "w1": (256, 256), "w2": (256, 10)}
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    d = erk_densities(shapes, 0.1)
+    eps = 0.1 * sum(sizes.values()) / sum(sum(s) for s in shapes.values())
+    for n, s in shapes.items():
+        assert d[n] == pytest.approx(eps * sum(s) / sizes[n], rel=1e-12)
+    assert d["w2"] > d["w0"] > 0.1 > d["w1"]
+    # the CNN's head would exceed density 1: it is made dense and ε re-solved for the conv
+    d = erk_densities({"conv1": (3, 3, 32, 64), "w_out": (64, 10)}, 0.1)
+    assert d["w_out"] == 1.0
+    assert d["conv1"] == pytest.approx((0.1 * (18432 + 640) - 640) / 18432, rel=1e-12)
+    # through the transform: the total active count is the uniform one (up to rounding)
+    x, y = jnp.ones((2, 8, 8, 1)), jnp.zeros(2, jnp.int32)
+    counts = {}
+    for allocation in ("uniform", "erk"):
+        guide, init_state = sparse_subspace(
+            bnn.cnn, 0.1, dense_sites=("first",), allocation=allocation
+        )
+        state = init_state(jax.random.PRNGKey(0), x, y)
+        counts[allocation] = {n: int(v.shape[0]) for n, v in state.idx.items()}
+    assert counts["uniform"] == {"conv1": 1843, "w_out": 64}
+    assert counts["erk"] == {"conv1": 1267, "w_out": 640}
+    with pytest.raises(ValueError, match="allocation"):
+        sparse_subspace(bnn.cnn, 0.1, allocation="nope")
+
+
+def test_density_scaled_step_moves_a_sparse_layer_like_the_dense_one():
+    # Adam moves each coordinate by about lr whatever the gradient's scale; a sparse layer
+    # sums density·fan_in of them per unit, so its μ step is scaled by 1/density for its
+    # output to move as far as the dense layer's (sign-coherent first step, input of ones)
+    from ppl.inference import density_scaled
+
+    def model():
+        for i, (n_in, n_out) in enumerate(((64, 32), (32, 10))):
+            numpyro.sample(f"w{i}", dist.Normal(0.0, 1.0).expand([n_in, n_out]).to_event(2))
+            numpyro.sample(f"b{i}", dist.Normal(0.0, 1.0).expand([n_out]).to_event(1))
+
+    guide, init_state = sparse_subspace(model, 0.1, init_loc=(0.0, "fan_in"))
+    state = init_state(jax.random.PRNGKey(0))
+    params = {
+        f"{n}_{p}": jnp.zeros(site.nse if site.nse else site.shape)
+        for n, site in guide.sites.items()
+        for p in ("loc", "rho")
+    }
+    grads = jax.tree.map(jnp.ones_like, params)
+    lr = 1e-3
+    for power in (1.0, 0.5):
+        opt = density_scaled(optax.adam(lr), guide, power=power)
+        upd, _ = opt.update(grads, opt.init(params), params)
+        for site, (n_in, n_out) in (("w0", (64, 32)), ("w1", (32, 10))):
+            size, s = n_in * n_out, round(0.1 * n_in * n_out)
+            step = lr * (size / s) ** power
+            np.testing.assert_allclose(np.abs(upd[site + "_loc"]), step, rtol=1e-4)
+            np.testing.assert_allclose(np.abs(upd[site + "_rho"]), lr, rtol=1e-4)
+            if power == 1.0:
+                # mean change of the layer's outputs = the dense layer's n_in·lr
+                dw = SparseTensor(state.idx[site], upd[site + "_loc"], (n_in, n_out))
+                d_out = matmul(jnp.ones((1, n_in)), dw)
+                assert float(jnp.abs(d_out).mean()) == pytest.approx(n_in * lr, rel=1e-3)
+    for name in ("b0", "b1"):
+        np.testing.assert_allclose(np.abs(upd[name + "_loc"]), lr, rtol=1e-4)
+    with pytest.raises(TypeError, match="SparseGuide"):
+        density_scaled(optax.adam(lr), model)
+
+
 # ------------------------------------------------------------------ T7: linear regression
 
 

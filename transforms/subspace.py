@@ -43,6 +43,7 @@ __all__ = [
     "restrict_prior",
     "update_support",
     "criterion_scores",
+    "erk_densities",
     "CRITERIA",
     "softplus_inv",
 ]
@@ -184,9 +185,12 @@ class SparseGuide:
     :class:`ppl.sparse.SparseTensor`.
     """
 
-    def __init__(self, model, density, sites, dense_sites, init_loc, init_scale):
+    def __init__(
+        self, model, density, sites, dense_sites, init_loc, init_scale, allocation="uniform"
+    ):
         self.model = model
         self.density = density
+        self.allocation = allocation
         self.requested_sites = None if sites is None else tuple(sites)
         self.dense_sites = tuple(dense_sites)
         self.init_loc = _init_pair(init_loc, "init_loc")
@@ -246,12 +250,18 @@ class SparseGuide:
         if "first" in dense and chosen:
             dense.discard("first")
             dense.add(chosen[0])
+        sparse_shapes = {n: found[n][1] for n in chosen if n not in dense}
+        if isinstance(self.density, Mapping):
+            per_site = dict(self.density)
+        elif self.allocation == "erk":
+            per_site = erk_densities(sparse_shapes, self.density)
+        else:
+            per_site = {n: self.density for n in sparse_shapes}
         info = {}
         for name, (fn, shape) in found.items():
             size = math.prod(shape)
-            if name in chosen and name not in dense:
-                d = self.density[name] if isinstance(self.density, Mapping) else self.density
-                info[name] = _SiteInfo(shape, size, num_active(d, size))
+            if name in sparse_shapes:
+                info[name] = _SiteInfo(shape, size, num_active(per_site[name], size))
             else:
                 if not _real_support(fn):
                     raise TypeError(
@@ -346,12 +356,51 @@ def _real_support(fn) -> bool:
     return support is dist.constraints.real
 
 
+def erk_densities(shapes: Mapping, density: float) -> dict:
+    """Per-site densities of the Erdős–Rényi-kernel allocation (Evci et al., RigL, 2020).
+
+    Site ``l`` of shape ``(…, n_in, n_out)`` gets density ``ε·Σ dims / Π dims`` (for a conv
+    kernel ``[kh, kw, c_in, c_out]``: ``ε (kh + kw + c_in + c_out)/(kh·kw·c_in·c_out)``), with
+    one ``ε`` chosen so that the active count summed over the sites is ``density · Σ size``
+    (the same budget as the uniform allocation). A site whose density would exceed 1 is made
+    fully active and ``ε`` is solved again for the others. Small layers (the classifier head)
+    thereby keep more of their weights than wide ones.
+
+    :param shapes: ``{site: shape}`` of the sparse sites.
+    :param density: the overall density in (0, 1].
+    :returns: ``{site: density in (0, 1]}``.
+
+    >>> d = erk_densities({"conv": (3, 3, 32, 64), "head": (64, 10)}, 0.1)
+    >>> d["head"], round(d["conv"], 3)
+    (1.0, 0.069)
+    """
+    density = _check_density(density)
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    raw = {n: sum(s) / sizes[n] for n, s in shapes.items()}
+    budget = density * sum(sizes.values())
+    full: set = set()
+    while True:
+        free = [n for n in shapes if n not in full]
+        rest = budget - sum(sizes[n] for n in full)
+        denom = sum(raw[n] * sizes[n] for n in free)
+        if not free or denom <= 0:
+            return {n: 1.0 for n in shapes}
+        eps = rest / denom
+        over = [n for n in free if eps * raw[n] > 1.0]
+        if not over:
+            out = {n: 1.0 for n in full}
+            out.update({n: max(eps * raw[n], 1e-12) for n in free})
+            return {n: min(1.0, out[n]) for n in shapes}
+        full.update(over)
+
+
 def sparse_subspace(
     model,
     density,
     *,
     sites=None,
     dense_sites=(),
+    allocation="uniform",
     init_loc=(0.0, 0.01),
     init_scale=(6e-4, 5e-4),
 ):
@@ -367,6 +416,9 @@ def sparse_subspace(
         (``sites=()``: plain dense mean-field VI, the baseline).
     :param dense_sites: sites kept dense (``"first"``: the first sparse site, as the
         reference keeps the first conv dense).
+    :param allocation: how a float ``density`` is spread over the sparse sites:
+        ``"uniform"`` (every site at ``density``, the reference) or ``"erk"``
+        (:func:`erk_densities`: the same total active count, small layers denser).
     :param init_loc: ``(mean, sd)`` of the initial μ (sd may be ``"fan_in"`` for
         ``1/√(density·fan_in)``); reference ``(0, 0.01)``.
     :param init_scale: ``(a, b)``: initial σ = ``|a + b·N(0,1)|``; reference ``(6e-4, 5e-4)``.
@@ -397,7 +449,11 @@ def sparse_subspace(
         sites = tuple(sites)
     if isinstance(dense_sites, str):
         dense_sites = (dense_sites,)
-    guide = SparseGuide(model, density, sites, dense_sites, init_loc, init_scale)
+    if allocation not in ("uniform", "erk"):
+        raise ValueError(f"allocation must be 'uniform' or 'erk', got {allocation!r}")
+    if allocation == "erk" and isinstance(density, Mapping):
+        raise ValueError("allocation='erk' needs one float density (got a per-site dict)")
+    guide = SparseGuide(model, density, sites, dense_sites, init_loc, init_scale, allocation)
     return guide, guide.init_state
 
 
