@@ -16,6 +16,7 @@ Shapes never change, so the step block and the update compile once each.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 
@@ -57,7 +58,9 @@ def cosine_fraction(t, t_end, alpha):
     return jnp.where(t < t_end, f, 0.0)
 
 
-def density_scaled(optimizer, guide: SparseGuide, *, power: float = 1.0):
+def density_scaled(
+    optimizer, guide: SparseGuide, *, power: float = 1.0, max_multiplier: float | None = 10.0
+):
     """Wrap an optax optimizer so that each sparse site's mean moves ``(size/s)^power``
     times as far per step (``1/density`` by default); every other parameter is unchanged.
 
@@ -78,6 +81,9 @@ def density_scaled(optimizer, guide: SparseGuide, *, power: float = 1.0):
     :param guide: the :class:`ppl.transforms.SparseGuide` (its sites are read at the first
         update, after ``init_state``).
     :param power: the exponent (0: no scaling).
+    :param max_multiplier: the largest multiplier (default 10, density 0.1 at power 1;
+        ``None``: no cap). Uncapped, the digits CNN at density 0.05 (20×) diverged to 28 %
+        accuracy after 600 steps.
 
     >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, optax
     >>> from ppl.transforms import sparse_subspace
@@ -96,12 +102,15 @@ def density_scaled(optimizer, guide: SparseGuide, *, power: float = 1.0):
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError("optimizer must be an optax.GradientTransformation")
     power = float(power)
+    if max_multiplier is not None and not max_multiplier >= 1.0:
+        raise ValueError(f"max_multiplier must be >= 1 or None, got {max_multiplier}")
+    cap = math.inf if max_multiplier is None else float(max_multiplier)
 
     def multipliers():
         if guide.sites is None:
             raise RuntimeError("density_scaled: call init_state(key, *args) on the guide first")
         return {
-            f"{name}_loc": (site.size / site.nse) ** power
+            f"{name}_loc": min((site.size / site.nse) ** power, cap)
             for name, site in guide.sites.items()
             if site.nse is not None and site.nse < site.size
         }
