@@ -784,10 +784,7 @@ def _drift_and_scale(out, x):
     """Split a control's output into ``(u, s)``: ``s`` is None for a drift-only control."""
     if out is None:
         return jnp.zeros_like(x), None
-    if isinstance(out, tuple):
-        u, s = out
-        return u, s
-    return out, None
+    return out if isinstance(out, tuple) else (out, None)
 
 
 class ControlledIncrements(dist.Distribution):
@@ -837,7 +834,8 @@ class ControlledIncrements(dist.Distribution):
 
     def _scan(self, inc, add_drift):
         """Walk the path; returns (controlled increments ``[*batch, N, D]``,
-        Σ_n log N(ΔW̃_n; u_n dt, dt) ``[*batch]``, the path X ``[N+1, *batch, D]``)."""
+        Σ_n log N(ΔW̃_n; u_n dt, s_n² dt) ``[*batch]`` (s ≡ 1 for a drift-only control), the
+        path X ``[N+1, *batch, D]``)."""
         dt, sde, control = self.dt, self.sde, self.control
 
         expected = add_drift and self.kl_gradient == "expected"
