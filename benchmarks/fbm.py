@@ -37,9 +37,11 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   (learned H) vs BM on the test ELBO (32 clips) and the reconstruction MSE of the posterior
   paths' frames against the clean frames. Goal: learned H within ±0.1.
 
-Run: ``python benchmarks/fbm.py`` (full, about half an hour on 2 CPU cores), ``--quick``
-(a smoke run), ``--only b1|b2|speed|b3`` (repeatable), ``--steps N`` (override every
-training length). Nothing is CPU-specific: on a GPU the same script runs as it is.
+Run: ``python benchmarks/fbm.py`` (all four; on 2 idle CPU cores B2 takes about 15 minutes
+and the speed table 2, but B3 took about 5 s per step on 2 loaded cores, so an hour or more
+for its 4 × 300 steps: run it on a GPU or with ``--steps``), ``--quick`` (a smoke run),
+``--only b1|b2|speed|b3`` (repeatable), ``--steps N`` (override every training length).
+Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
 
 from __future__ import annotations
