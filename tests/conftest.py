@@ -9,7 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the notebook tests first. Under pytest-xdist (``--dist loadscope``) a module runs
-    on one worker, in collection order; the notebooks are the longest module (about 4 minutes
-    on 2 cores), and started last they left the other workers idle at the end."""
+    """Run the notebook tests first. Under pytest-xdist (``--dist loadscope
+    --no-loadscope-reorder``, pyproject's addopts) a module runs on one worker and modules
+    are handed out in collection order. The notebooks are the longest module by time but
+    hold few tests, so xdist's default order (most tests first) started them last and left
+    the other workers idle at the end."""
     items.sort(key=lambda item: not item.nodeid.startswith("tests/test_notebooks.py"))
