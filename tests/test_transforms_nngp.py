@@ -78,6 +78,25 @@ def test_leaky_relu_and_abs_closed_forms_match_quadrature(alpha):
     assert abs(float(K[0, 1]) - want) < 1e-8
 
 
+def test_layers_of_different_kinds_have_different_tree_structures():
+    """jit caches kernels by tree structure: equal structures would share a compiled kernel.
+
+    Regression: with ``register_dataclass`` (jax 0.10) ``Abs()`` and ``Erf()`` had equal
+    structures, and CI once computed the ``Abs`` network's kernel with the ``Erf`` one.
+    """
+    layers = [Relu(), Erf(), Abs(), LeakyRelu(0.2), Identity(), Flatten(), FanInSum()]
+    structures = [jax.tree_util.tree_structure(layer) for layer in layers]
+    for i, a in enumerate(structures):
+        for j, b in enumerate(structures):
+            assert (a == b) == (i == j), (layers[i], layers[j])
+    nets = [serial(Dense(), layer, Dense()) for layer in (Relu(), Erf(), Abs())]
+    Ks = [np.asarray(kernel_fn(net)(X)) for net in nets]
+    assert min(np.abs(Ks[i] - Ks[j]).max() for i in range(3) for j in range(i)) > 1e-2
+    leaves, treedef = jax.tree_util.tree_flatten(serial(Dense(W_std=2.0), LeakyRelu(0.3)))
+    assert leaves == [2.0, 0.0, 0.3]
+    assert jax.tree_util.tree_unflatten(treedef, leaves) == serial(Dense(W_std=2.0), LeakyRelu(0.3))
+
+
 def test_diag_batch_and_blocks_agree_with_the_full_kernel():
     key = jax.random.key(0)
     x1 = jax.random.normal(key, (7, 3))

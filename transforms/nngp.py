@@ -98,11 +98,30 @@ JITTER = {"float64": 1e-10, "float32": 1e-6}
 
 
 def _layer(data=(), meta=()):
-    """Freeze a dataclass and register it as a pytree with ``data`` leaves."""
+    """Freeze a dataclass and register it as a pytree with ``data`` leaves.
+
+    Registered as a custom node rather than with ``jax.tree_util.register_dataclass``: in jax
+    0.10 two dataclass nodes with the same fields compare equal whatever their class (so
+    ``Abs()`` and ``Erf()`` had equal tree structures), and ``jit``'s cache, keyed on tree
+    structures, could then run the kernel compiled for one activation on the other.
+    """
 
     def wrap(cls):
         cls = dataclasses.dataclass(frozen=True)(cls)
-        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+
+        def flatten_with_keys(layer):
+            children = [(jax.tree_util.GetAttrKey(n), getattr(layer, n)) for n in data]
+            return children, tuple(getattr(layer, n) for n in meta)
+
+        def unflatten(aux, children):
+            fields = dict(zip(data, children, strict=True))
+            return cls(**fields, **dict(zip(meta, aux, strict=True)))
+
+        def flatten(layer):
+            return [getattr(layer, n) for n in data], tuple(getattr(layer, n) for n in meta)
+
+        jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+        return cls
 
     return wrap
 
