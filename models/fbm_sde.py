@@ -47,6 +47,7 @@ from numpyro.contrib.module import eqx_module
 
 from ppl.models.registry import FitResult, ModelSpec, Problem, register
 from ppl.transforms.fbm import (
+    GridControl,
     _check_times,
     fbm_covariance,
     fbm_sde,
@@ -387,6 +388,7 @@ class LatentSDE:
             return fbm_sde(
                 "x", drift, diffusion, x0, hurst=hurst, times=ts, dt=self.dt,
                 fbm_type=self.fbm_type, control=control, t_end=self.horizon,
+                share_path=True,  # the prior's drift, diffusion and H: the model reuses the path
             )  # fmt: skip
 
     def _control(self, ctx, ts):
@@ -400,32 +402,47 @@ class LatentSDE:
         toward the next observation with a gain that grows as it nears, so a network that
         only sees t/T would have to learn a saw-tooth with one tooth per observation.
         """
-        control_net = _batched(eqx_module("control", self.nets["control"]))
+        net = eqx_module("control", self.nets["control"])
         t_max = self.horizon if self.horizon is not None else float(ts[-1])
         spacing = t_max / len(ts)
         ts_arr = jnp.asarray(ts, dtype=ctx.dtype)
         last_index = len(ts) - 1
+        first = net.layers[0]
+        num_state = first.weight.shape[1] - ctx.shape[-1] * 3 - 4  # the columns of x and y
+        w_state = first.weight[:, :num_state]  # sliced once, outside the scan
 
-        def control(t, x, y):
-            lead = x.shape[:-1]  # [*particles, B]
-            nxt = jnp.minimum(jnp.searchsorted(ts_arr, t, side="right"), last_index)
-            idx = jnp.stack([jnp.maximum(nxt - 1, 0), nxt, jnp.minimum(nxt + 1, last_index)])
-            obs = jnp.take(ctx, idx, axis=1).reshape(ctx.shape[0], -1)  # [B, 3C]
-            obs = jnp.broadcast_to(obs, (*lead, obs.shape[-1]))
-            to_next = jnp.maximum(ts_arr[nxt] - t, 0.0) / spacing
-            time_feats = jnp.stack([
-                to_next, jnp.log(to_next + self.dt / spacing), t / t_max,
-                jnp.sin(jnp.pi * t / t_max),
-            ])  # fmt: skip
-            feats = [x, y.reshape(*y.shape[:-2], -1), obs]
-            feats.append(jnp.broadcast_to(time_feats, (*lead, time_feats.shape[0])))
-            out = control_net(jnp.concatenate(feats, axis=-1))
+        def features(grid):
+            """The time part of the first layer, ``[N, B, width]`` for times ``grid [N]``."""
+            nxt = jnp.searchsorted(ts_arr, grid, side="right", method="compare_all")
+            nxt = jnp.minimum(nxt, last_index)
+            idx = jnp.stack([jnp.maximum(nxt - 1, 0), nxt, jnp.minimum(nxt + 1, last_index)], -1)
+            obs = jnp.take(ctx, idx, axis=1).reshape(ctx.shape[0], len(grid), -1)  # [B, N, 3C]
+            to_next = jnp.maximum(ts_arr[nxt] - grid, 0.0) / spacing
+            phase = jnp.stack(
+                [
+                    to_next,
+                    jnp.log(to_next + self.dt / spacing),
+                    grid / t_max,
+                    jnp.sin(jnp.pi * grid / t_max),
+                ],
+                -1,
+            )  # fmt: skip  [N, 4]
+            w_obs, w_phase = first.weight[:, num_state:-4], first.weight[:, -4:]
+            pre = jnp.einsum("bnc,hc->nbh", obs, w_obs) + (phase @ w_phase.T + first.bias)[:, None]
+            return pre
+
+        def apply(pre, x, y):
+            state = jnp.concatenate([x, y.reshape(*y.shape[:-2], -1)], axis=-1)
+            h = jnp.tanh(state @ w_state.T + pre)
+            for layer in net.layers[1:-1]:
+                h = jnp.tanh(h @ layer.weight.T + layer.bias)
+            out = h @ net.layers[-1].weight.T + net.layers[-1].bias
             if not self.noise_scale:
                 return out
             d = x.shape[-1]  # (u, s) with s = exp(raw) = 1 at the zero initialisation
             return out[..., :d], jnp.exp(jnp.clip(out[..., d:], -_MAX_LOG_SCALE, _MAX_LOG_SCALE))
 
-        return control
+        return GridControl(features, apply)
 
     def girsanov_loss(self, params, key, ts, ys, solver: str = "euler"):
         """The reference implementation's loss, −[Σ log p(o|X) − KL(q(x₀)‖p(x₀)) − ½∫‖u‖²dt],

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numpyro.handlers import replay as numpyro_replay
 from numpyro.handlers import seed, substitute, trace
 
 import ppl
 from ppl.models.fbm_sde import LatentSDE, simulate_fou
-from ppl.transforms.fbm import ControlledIncrements, markov_sde
+from ppl.transforms.fbm import ControlledIncrements, GridControl, fbm_sde, markov_fbm, markov_sde
 
 ZERO = staticmethod(lambda t, x: 0.0 * x)
 
@@ -410,3 +411,125 @@ def test_expected_kl_gradient_same_value_same_mean_lower_variance():
     assert np.all(np.abs(g_ex.mean(0) - g_en.mean(0)) <= 4 * se + 1e-6)
     assert g_en.var(0).sum() < g_ex.var(0).sum()
     assert not np.allclose(g_ex[0], g_en[0])  # the estimators differ sample by sample
+
+
+def _nonzero_control_params(sde, ts, ys, seed=2):
+    params = ppl.constrain_params(
+        ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
+        sde.model, sde.guide, ts, ys,
+    )  # fmt: skip
+    last = params["control$params"].layers[-1]
+    params["control$params"] = eqx.tree_at(
+        lambda m: m.layers[-1].weight,
+        params["control$params"],
+        0.3 * jax.random.normal(jax.random.PRNGKey(seed), last.weight.shape),
+    )
+    return params
+
+
+@pytest.mark.parametrize("noise_scale", [False, True])
+def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale):
+    """The guide's control (a GridControl: time part computed for the whole grid) equals the
+    control MLP applied to [x, y, context at the last/next/next-but-one observation, phase
+    features] written out here, at grid times, between them and at the observation times."""
+    sde = LatentSDE(dim=2, hurst=0.6, drift="ou", horizon=1.0, dt=0.02, width=8,
+                    noise_scale=noise_scale)  # fmt: skip
+    ts = jnp.array([0.2, 0.5, 1.0])
+    ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 2)))
+    params = _nonzero_control_params(sde, ts, ys)
+    with substitute(data=params):
+        control = sde._control(sde._context(ys), ts)
+    assert isinstance(control, GridControl)
+    net = eqx.combine(params["control$params"], sde.nets["control"])
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((4, 2)), rng.standard_normal((4, 2, 5))
+
+    def reference(t):
+        nxt = min(int(np.sum(np.asarray(ts) <= t)), 2)
+        obs = np.asarray(ys)[:, [max(nxt - 1, 0), nxt, min(nxt + 1, 2)]].reshape(4, -1)
+        to_next = max(float(ts[nxt]) - t, 0.0) / (1.0 / 3)
+        phase = [to_next, math.log(to_next + 0.02 * 3), t, math.sin(math.pi * t)]
+        feats = np.concatenate([x, y.reshape(4, -1), obs, np.tile(phase, (4, 1))], -1)
+        out = np.asarray(jax.vmap(net)(jnp.asarray(feats, jnp.float32)))
+        if not noise_scale:
+            return out
+        return out[:, :2], np.exp(np.clip(out[:, 2:], -5, 5))
+
+    grid = 0.02 * jnp.arange(50)  # float32: t = 0.2 may fall on either side of ts[0]
+    grid_feats = control.features(grid)
+    for t in (0.0, 0.13, 0.2, 0.5, 0.77, 1.0):
+        got, want = control(t, jnp.asarray(x), jnp.asarray(y)), reference(t)
+        np.testing.assert_allclose(np.hstack(got), np.hstack(want), rtol=1e-5, atol=1e-6)
+    for n in (0, 10, 25, 31, 49):
+        got = control.apply(grid_feats[n], jnp.asarray(x), jnp.asarray(y))
+        want = reference(float(grid[n]))
+        np.testing.assert_allclose(np.hstack(got), np.hstack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_path_gives_the_same_elbo_and_gradient_with_one_scan_fewer():
+    """share_path=True (LatentSDE's guide): the model reuses the guide's Euler path. The ELBO
+    value and its gradient equal those of the model's own replay (share_path=False), and the
+    compiled objective has one scan (forward) fewer."""
+    sde = LatentSDE(dim=1, hurst=None, drift="ou", horizon=1.0, dt=0.02, width=8)
+    ts = jnp.array([0.2, 0.5, 1.0])
+    ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 1)))
+    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params["control$params"] = _nonzero_control_params(sde, ts, ys)["control$params"]
+
+    def unshared_guide(ts, ys):  # the same guide, with the model replaying the path
+        def no_share(msg):
+            if msg["type"] == "fbm_sde":
+                msg["kwargs"]["share_path"] = False
+
+        from numpyro.primitives import Messenger
+
+        class _NoShare(Messenger):
+            def process_message(self, msg):
+                no_share(msg)
+
+        with _NoShare():
+            return sde.guide(ts, ys)
+
+    out, scans = {}, {}
+    for label, guide in (("shared", sde.guide), ("replayed", unshared_guide)):
+        f = ppl.value_and_grad(ppl.objectives.iwelbo(3), sde.model, guide)
+        out[label] = jax.jit(f)(params, jax.random.PRNGKey(7), ts, ys)
+        jaxpr = jax.make_jaxpr(f)(params, jax.random.PRNGKey(7), ts, ys)
+        scans[label] = str(jaxpr).count("scan[")
+    np.testing.assert_allclose(out["shared"][0], out["replayed"][0], rtol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(out["shared"][1]), jax.tree.leaves(out["replayed"][1]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert scans["replayed"] - scans["shared"] >= 1, scans
+
+
+def test_shared_path_is_not_used_for_a_value_the_guide_did_not_draw():
+    """A substituted increment (not the guide's own draw) is replayed by the model."""
+
+    def prior():
+        return fbm_sde("x", lambda t, x: -x, lambda t, x: jnp.ones_like(x), jnp.zeros(1),
+                       hurst=0.7, times=jnp.array([0.5, 1.0]), dt=0.05)  # fmt: skip
+
+    def posterior():
+        return fbm_sde("x", lambda t, x: -x, lambda t, x: jnp.ones_like(x), jnp.zeros(1),
+                       hurst=0.7, times=jnp.array([0.5, 1.0]), dt=0.05,
+                       control=lambda t, x, y: 1.0 + 0.0 * x, share_path=True)  # fmt: skip
+
+    gt = trace(seed(markov_fbm(posterior, gamma_max=5.0), 0)).get_trace()
+    dw = gt["x.dW"]["value"]
+    with trace() as mt, numpyro_replay(trace=gt):
+        seed(markov_fbm(prior, gamma_max=5.0), 1)()
+    np.testing.assert_allclose(mt["x"]["value"], gt["x"]["value"], rtol=1e-6)
+    other = {**gt, "x.dW": {**gt["x.dW"], "value": dw * 0.5}}
+    with trace() as mt:
+        with numpyro_replay(trace=other):
+            seed(markov_fbm(prior, gamma_max=5.0), 1)()
+    m = markov_sde(lambda t, x: -x, lambda t, x: jnp.ones_like(x), 0.7, horizon=1.0, gamma_max=5.0)
+    y0 = gt["x.y0"]["value"]
+    xs = m.euler(jnp.zeros(1), y0, dw * 0.5, 0.05)[0]
+    np.testing.assert_allclose(mt["x"]["value"], xs[np.array([10, 20])], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="share_path"):
+        markov_fbm(lambda: fbm_sde("x", lambda t, x: -x, lambda t, x: 1.0, jnp.zeros(1),
+                                   hurst=0.7, times=jnp.array([1.0]), dt=0.05,
+                                   share_path=True))()  # fmt: skip

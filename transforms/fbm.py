@@ -59,6 +59,7 @@ from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
 __all__ = [
     "FBM_SDE",
+    "GridControl",
     "MarkovSDE",
     "approximation_error",
     "check_step",
@@ -79,6 +80,8 @@ _TYPES = ("I", "II")
 #: Above this γT, e^{γT}·Q(a, γT) is evaluated by a continued fraction (no overflow).
 _CF_SWITCH = 10.0
 _CF_TERMS = 40
+#: The same switch for the float64 host solve (e^{z}Q(a, z) is finite there up to z ≈ 700).
+_HOST_CF_SWITCH = 500.0
 
 
 # --------------------------------------------------------------------------- validation
@@ -280,24 +283,30 @@ def _solve(gammas_np, horizon, fbm_type, b):
     return jnp.asarray(a_inv, dtype=b.dtype) @ b
 
 
-def _b_host(h: float, gammas: np.ndarray, t: float, fbm_type: str) -> np.ndarray:
-    """b of :func:`omega_system` in float64 NumPy/SciPy (same formulas)."""
+def _b_host(h, gammas: np.ndarray, t: float, fbm_type: str) -> np.ndarray:
+    """b of :func:`omega_system` in float64 NumPy/SciPy (same formulas), for one H or
+    several: ``h`` ``[]`` or ``[M]`` gives ``[K]`` or ``[M, K]``.
+
+    Type I needs e^{z} Q(a, z), z = γT: directly below ``_HOST_CF_SWITCH`` (finite in float64
+    up to z ≈ 700), by the continued fraction above it.
+    """
     from scipy.special import gammainc as sp_p
     from scipy.special import gammaincc as sp_q
     from scipy.special import gammaln as sp_gammaln
 
-    a, g = h + 0.5, gammas
+    a, g = np.asarray(h, dtype=np.float64)[..., None] + 0.5, gammas
     if fbm_type == "II":
         return t * g**-a * sp_p(a, g * t) - a * g ** (-a - 1.0) * sp_p(a + 1.0, g * t)
     z = g * t
-    small = z < _CF_SWITCH
-    eq = np.empty_like(z)
-    eq[small] = np.exp(z[small]) * sp_q(a, z[small])
-    zl = z[~small]
-    f = zl + (2 * _CF_TERMS + 1) - a
-    for n in range(_CF_TERMS, 0, -1):
-        f = zl + (2 * n - 1) - a - n * (n - a) / f
-    eq[~small] = np.exp(a * np.log(zl) - sp_gammaln(a)) / f
+    small = z < _HOST_CF_SWITCH
+    eq = np.empty(np.broadcast_shapes(a.shape, z.shape))
+    eq[..., small] = np.exp(z[small]) * sp_q(a, z[small])
+    if not small.all():
+        zl = z[~small]
+        f = zl + (2 * _CF_TERMS + 1) - a
+        for n in range(_CF_TERMS, 0, -1):
+            f = zl + (2 * n - 1) - a - n * (n - a) / f
+        eq[..., ~small] = np.exp(a * np.log(zl) - sp_gammaln(a)) / f
     return (
         2.0 * t * g**-a
         - np.exp(a * math.log(t) - sp_gammaln(a + 1.0)) / g
@@ -305,21 +314,36 @@ def _b_host(h: float, gammas: np.ndarray, t: float, fbm_type: str) -> np.ndarray
     )
 
 
-def _omega_host(h, gammas, t, fbm_type, step=0.0):
-    """ω(h + step) in float64 on the host (A⁻¹ b by a Cholesky solve)."""
+@functools.lru_cache(maxsize=64)
+def _a_factor(gammas: tuple, t: float, fbm_type: str):
+    """The LU factors of A (it does not depend on H), computed once per grid."""
+    from scipy.linalg import lu_factor
+
+    return lu_factor(_a_matrix(np.asarray(gammas, dtype=np.float64), t, fbm_type))
+
+
+def _omega_host(h, gammas, t, fbm_type):
+    """ω(h) = A⁻¹ b(h) in float64 on the host; ``h`` ``[]`` or ``[M]`` gives ``[K]`` or
+    ``[M, K]``."""
+    from scipy.linalg import lu_solve
+
     g = np.asarray(gammas, dtype=np.float64)
-    a_mat = _a_matrix(g, t, fbm_type)
-    return np.linalg.solve(a_mat, _b_host(float(h) + step, g, t, fbm_type))
+    b = _b_host(h, g, t, fbm_type)
+    return lu_solve(_a_factor(tuple(g.tolist()), float(t), fbm_type), b.T).T
+
+
+#: The central-difference step of dω/dH on the host (~1e-9 relative error in float64).
+_OMEGA_EPS = 1e-6
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _omega_f64(gammas, t, fbm_type, hurst):
     """ω solved in float64 on the host and returned in float32 (a ``pure_callback``);
-    dω/dH = A⁻¹ db/dH by a float64 central difference (step 1e-6: ~1e-9 relative)."""
+    dω/dH = A⁻¹ db/dH by a float64 central difference, in the same host call as ω."""
     out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
 
     def host(h):
-        return _omega_host(h, gammas, t, fbm_type).astype(np.float32)
+        return _omega_host(float(h), gammas, t, fbm_type).astype(np.float32)
 
     return jax.pure_callback(host, out, hurst, vmap_method="sequential")
 
@@ -329,14 +353,14 @@ def _omega_f64_jvp(gammas, t, fbm_type, primals, tangents):
     (hurst,), (dh,) = primals, tangents
     out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
 
-    def host_derivative(h):
-        eps = 1e-6
-        hi = _omega_host(h, gammas, t, fbm_type, eps)
-        lo = _omega_host(h, gammas, t, fbm_type, -eps)
-        return ((hi - lo) / (2 * eps)).astype(np.float32)
+    def host_value_and_derivative(h):
+        hs = float(h) + np.array([0.0, _OMEGA_EPS, -_OMEGA_EPS])
+        omega, hi, lo = _omega_host(hs, gammas, t, fbm_type)
+        return omega.astype(np.float32), ((hi - lo) / (2 * _OMEGA_EPS)).astype(np.float32)
 
-    omega = _omega_f64(gammas, t, fbm_type, hurst)
-    d_omega = jax.pure_callback(host_derivative, out, hurst, vmap_method="sequential")
+    omega, d_omega = jax.pure_callback(
+        host_value_and_derivative, (out, out), hurst, vmap_method="sequential"
+    )
     return omega, d_omega * dh
 
 
@@ -484,6 +508,49 @@ def fbm_covariance(t, s, hurst, fbm_type: str = "II", unit_variance: bool = Fals
 # --------------------------------------------------------------------------- the Markov SDE
 
 
+class GridControl(NamedTuple):
+    """A control u(t, x, y) = ``apply(features(t), x, y)`` whose time part is computed apart.
+
+    On the fixed Euler grid the part of the control that depends on t only (observation
+    context, phase features, their first-layer projection) is computed for every step at
+    once, outside the scan, and fed to the scan as an input; only ``apply`` runs per step.
+    Called as ``control(t, x, y)`` (e.g. by the diffrax solver, at any t) it is the same
+    function.
+
+    :param features: times ``[N]`` ``->`` a pytree whose leaves have leading axis ``N``.
+    :param apply: ``(features at one time, x [..., D], y [..., D, K]) -> u [..., D]`` (or
+        ``(u, s)``, see :class:`ControlledIncrements`).
+
+    >>> c = GridControl(lambda t: {"a": jnp.sin(t)}, lambda f, x, y: f["a"] - x)
+    >>> float(c(0.5, jnp.zeros(1), jnp.zeros((1, 5)))[0]) == float(jnp.sin(0.5))
+    True
+    """
+
+    features: Callable
+    apply: Callable
+
+    def __call__(self, t, x, y):
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+        feats = jax.tree.map(lambda leaf: leaf[0], self.features(t[None]))
+        return self.apply(feats, x, y)
+
+
+def _control_inputs(control, t0, dt, num_steps):
+    """The per-step inputs of ``control`` on the grid t0 + n·dt (None unless a
+    :class:`GridControl`): scan them alongside the increments."""
+    if not isinstance(control, GridControl):
+        return None
+    grid = t0 + dt * jnp.arange(num_steps, dtype=jnp.result_type(float))
+    return control.features(grid)
+
+
+def _call_control(control, feats, t, x, y):
+    """u at step n: ``apply`` on the precomputed ``feats`` of a :class:`GridControl`."""
+    if control is None:
+        return None
+    return control(t, x, y) if feats is None else control.apply(feats, x, y)
+
+
 class MarkovSDE(NamedTuple):
     """An SDE driven by MA-fBM, written as an ordinary Markov SDE on (X, Y_1..Y_K).
 
@@ -546,7 +613,8 @@ class MarkovSDE(NamedTuple):
         :param x0: ``[..., D]``; ``y0``: ``[..., D, K]``.
         :param dW: Brownian increments ``[num_steps, ..., D]`` (N(0, dt) under the prior).
         :param dt: the step; ``t0``: the start time.
-        :param control: ``u(t, x, y) -> [..., D]`` or None.
+        :param control: ``u(t, x, y) -> [..., D]`` (a :class:`GridControl` has its time part
+            computed once for the whole grid) or None.
         :return: ``(xs [num_steps+1, ..., D], ys [num_steps+1, ..., D, K], kl [...])``.
 
         >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.5, exact_bm=True)
@@ -560,17 +628,19 @@ class MarkovSDE(NamedTuple):
         y0 = jnp.broadcast_to(y0, (*x0.shape, self.num_ou))
         kl0 = jnp.zeros(jnp.shape(x0)[:-1], dtype=jnp.result_type(x0, float))
 
-        def step(carry, dw):
+        def step(carry, inputs):
             x, y, t, kl = carry
+            dw, feats = inputs
             if control is not None:
-                u = control(t, x, y)
+                u = _call_control(control, feats, t, x, y)
                 kl = kl + 0.5 * jnp.sum(u * u, axis=-1) * dt
                 dw = dw + u * dt
             x, y = self.step(t, x, y, dw, dt)
             return (x, y, t + dt, kl), (x, y)
 
         init = (x0, y0, jnp.asarray(t0, dtype=jnp.result_type(float)), kl0)
-        (_, _, _, kl), (xs, ys) = jax.lax.scan(step, init, dW)
+        feats = _control_inputs(control, init[2], dt, dW.shape[0])
+        (_, _, _, kl), (xs, ys) = jax.lax.scan(step, init, (dW, feats))
         return (
             jnp.concatenate([x0[None], xs]),
             jnp.concatenate([y0[None], ys]),
@@ -740,6 +810,7 @@ def fbm_sde(
     fbm_type: str = "I",
     control: Callable | None = None,
     t_end: float | None = None,
+    share_path: bool = False,
 ):
     """The primitive: X at ``times`` for dX = b dt + σ dB^H, X(0) = x0 (fractional noise).
 
@@ -757,10 +828,22 @@ def fbm_sde(
     :param dt: the Euler step (the number of steps is ⌈t_end/dt⌉).
     :param t_end: the end of the simulated interval (default ``times[-1]``; needed when
         ``times`` is traced, e.g. passed as a jitted argument).
+    :param share_path: guide only (with ``control``). ``True`` declares that this posterior
+        SDE has the prior's drift, diffusion and Hurst index, with the same parameters, and
+        changes only the noise (the paper's posterior, as in
+        :class:`~ppl.models.fbm_sde.LatentSDE`). The increments then drive the same path
+        under both programs, so the model, replayed on this guide's draw, reuses the path
+        of the guide's Euler scan instead of running its own (one scan and its backward
+        pass fewer per step; same values). A value that is not the guide's own draw (e.g.
+        a forced or substituted one) is always replayed. With ``False`` (default) the model
+        replays every path. If the two programs' dynamics differ, ``True`` gives a wrong
+        ELBO.
     :return: X at ``times``: ``[T, ..., D]``.
     """
     if name is None or not isinstance(name, str):
         raise TypeError(f"name must be a string, got {name!r}")
+    if share_path and control is None:
+        raise ValueError("share_path=True is for the guide's fbm_sde: it needs a control")
     msg = {
         "type": FBM_SDE,
         "fn": _no_markov,
@@ -772,6 +855,7 @@ def fbm_sde(
             fbm_type=_check_type(fbm_type),
             control=control,
             t_end=t_end,
+            share_path=bool(share_path),
         ),
         "value": None,
     }
@@ -832,38 +916,61 @@ class ControlledIncrements(dist.Distribution):
         batch, d = jnp.shape(self.x0)[:-1], jnp.shape(self.x0)[-1]
         super().__init__(batch_shape=batch, event_shape=(self.num_steps, d))
 
-    def _scan(self, inc, add_drift):
-        """Walk the path; returns (controlled increments ``[*batch, N, D]``,
-        Σ_n log N(ΔW̃_n; u_n dt, s_n² dt) ``[*batch]`` (s ≡ 1 for a drift-only control), the
-        path X ``[N+1, *batch, D]``)."""
+    def _walk(self, inc, add_drift):
+        """Walk the path. ``add_drift``: ``inc`` is the noise ξ ``[*lead, N, D]`` (ξ_n ~ N(0,
+        dt)) and ΔW̃_n = s_n ξ_n + u_n dt; else ``inc`` is ΔW̃ itself. Returns (ΔW̃
+        ``[N, *lead, D]``, the path X ``[N+1, *lead, D]``, u ``[N, *lead, D]``, s (or None),
+        the increment's noise part ΔW̃ − u dt ``[N, *lead, D]``)."""
         dt, sde, control = self.dt, self.sde, self.control
 
-        expected = add_drift and self.kl_gradient == "expected"
-
-        def step(carry, d):
-            x, y, t, lp = carry
-            u, s = _drift_and_scale(control(t, x, y) if control is not None else None, x)
+        def step(carry, inputs):
+            x, y, t = carry
+            d, feats = inputs
+            u, s = _drift_and_scale(_call_control(control, feats, t, x, y), x)
             if add_drift:  # d is ξ_n ~ N(0, dt)
                 dw = (d if s is None else s * d) + u * dt
             else:
                 dw = d
-            noise = dw - u * dt
-            var = dt if s is None else s * s * dt
-            lp = lp + jnp.sum(-0.5 * jnp.log(2 * math.pi * var) - 0.5 * noise**2 / var, axis=-1)
-            if expected:  # value unchanged; gradient −Σ ξ ∂u cancels the martingale in log p
-                m = jnp.sum(noise * u, axis=-1)
-                lp = lp - m + jax.lax.stop_gradient(m)
             x, y = sde.step(t, x, y, dw, dt)
-            return (x, y, t + dt, lp), (dw, x)
+            return (x, y, t + dt), (dw, x, u, s)
 
         lead = jnp.shape(inc)[:-2]  # [*sample, *batch]
         x0 = jnp.broadcast_to(self.x0, (*lead, self.x0.shape[-1]))
         y0 = jnp.broadcast_to(self.y0, (*x0.shape, sde.num_ou))
-        lp0 = jnp.zeros(lead, dtype=jnp.result_type(self.x0, float))
         t0 = jnp.zeros((), dtype=jnp.result_type(float))
-        init = (x0, y0, t0, lp0)
-        (_, _, _, lp), (dws, xs) = jax.lax.scan(step, init, jnp.moveaxis(inc, -2, 0))
-        xs = jnp.concatenate([x0[None], xs])
+        feats = _control_inputs(control, t0, dt, self.num_steps)
+        inc = jnp.moveaxis(inc, -2, 0)
+        _, (dws, xs, us, ss) = jax.lax.scan(step, (x0, y0, t0), (inc, feats))
+        if add_drift:
+            noise = inc if ss is None else ss * inc
+        else:
+            noise = dws - us * dt
+        return dws, jnp.concatenate([x0[None], xs]), us, ss, noise
+
+    def _scan(self, inc, add_drift):
+        """Walk the path; returns (controlled increments ``[*batch, N, D]``,
+        Σ_n log N(ΔW̃_n; u_n dt, s_n² dt) ``[*batch]`` (s ≡ 1 for a drift-only control), the
+        path X ``[N+1, *batch, D]``).
+
+        The density is summed after the scan from the stacked u, s and noise: no running sum
+        in the loop. From a draw (``add_drift``) the noise is s ξ, so log N(s ξ; 0, s² dt) =
+        log N(ξ; 0, dt) − log s, which depends on the parameters through s only (u cancels).
+        """
+        dws, xs, us, ss, noise = self._walk(inc, add_drift)
+        dt = self.dt
+        if add_drift:
+            xi = jnp.moveaxis(inc, -2, 0)
+            terms = -0.5 * math.log(2 * math.pi * dt) - 0.5 * xi**2 / dt
+            if ss is not None:
+                terms = terms - jnp.log(ss)
+        else:
+            var = dt if ss is None else ss * ss * dt
+            terms = -0.5 * jnp.log(2 * math.pi * var) - 0.5 * noise**2 / var
+        lp = jnp.sum(terms, axis=(0, -1))
+        if add_drift and self.kl_gradient == "expected":
+            # value unchanged; gradient −Σ ξ ∂u cancels the martingale term in log p
+            m = jnp.sum(noise * us, axis=(0, -1))
+            lp = lp - m + jax.lax.stop_gradient(m)
         return jnp.moveaxis(dws, 0, -2), lp, xs
 
     def rsample(self, key, sample_shape=()):
@@ -922,6 +1029,37 @@ def interpolate(xs, times, dt):
     hi = jnp.minimum(lo + 1, xs.shape[0] - 1)
     frac = jnp.clip(pos - lo, 0.0, 1.0).reshape((-1,) + (1,) * (xs.ndim - 1))
     return xs[lo] * (1.0 - frac) + xs[hi] * frac
+
+
+#: Key of a guide's increments site ``infer`` dict that carries its law (``share_path``).
+_SHARED_PATH = "fbm_shared_path"
+
+
+class _site_infer(Messenger):
+    """Record the ``infer`` dict of site ``name`` as it leaves the handler stack (after a
+    ``replay`` has copied the guide's)."""
+
+    def __init__(self, name):
+        self.name, self.infer = name, {}
+        super().__init__()
+
+    def __enter__(self):
+        super().__enter__()
+        return self.infer
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] == self.name:
+            self.infer.update(msg.get("infer") or {})
+
+
+def _shared_path(infer, inc, shape):
+    """The guide's path ``[N+1, *batch, D]`` for increments ``inc`` if the guide shared it
+    (``share_path``) and ``inc`` is the guide's own draw, else None."""
+    law = infer.get(_SHARED_PATH)
+    cache = law._cached(inc) if isinstance(law, ControlledIncrements) else None
+    if cache is None or cache[2].shape != shape:
+        return None
+    return cache[2]
 
 
 class markov_fbm(Messenger):
@@ -986,7 +1124,9 @@ class markov_fbm(Messenger):
         if msg["type"] == FBM_SDE:
             msg["fn"] = self._path
 
-    def _path(self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control, t_end):
+    def _path(
+        self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control, t_end, share_path
+    ):
         cfg = self.config
         if _is_concrete(times):
             ts = _check_times(times, dt)
@@ -1022,12 +1162,15 @@ class markov_fbm(Messenger):
             y0 = jnp.zeros((*batch, d, sde.num_ou), dtype=jnp.result_type(float))
         if control is None:
             law = dist.Normal(0.0, math.sqrt(dt)).expand((*batch, num_steps, d)).to_event(2)
+            with _site_infer(f"{name}.dW") as infer:
+                inc = numpyro.sample(f"{name}.dW", law)
+            xs = _shared_path(infer, inc, (num_steps + 1, *batch, d))
+            if xs is None:
+                xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
         else:
             law = ControlledIncrements(sde, x0, y0, num_steps, dt, control, cfg["kl_gradient"])
-        inc = numpyro.sample(f"{name}.dW", law)
-        if control is None:
-            xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
-        else:
+            infer = {_SHARED_PATH: law} if share_path else None
+            inc = numpyro.sample(f"{name}.dW", law, infer=infer)
             xs = law.path(inc)
         at_times = jnp.moveaxis(interpolate(xs, ts, dt), 0, -2)
         return numpyro.deterministic(name, at_times)
