@@ -378,12 +378,13 @@ class SVI:
         any_bad_grad = functools.reduce(operator.or_, bad_grad.values(), jnp.bool_(False))
         ok = ~bad_value & ~any_bad_grad & finite_params
 
-        def select(new, old):
-            return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-
+        # one conditional rather than a select per leaf (one kernel each on CPU)
+        params, opt_state = jax.lax.cond(
+            ok, lambda: (params, opt_state), lambda: (state.params, state.opt_state)
+        )
         new_state = SVIState(
-            params=select(params, state.params),
-            opt_state=select(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng_key=state.rng_key,
             step=state.step + 1,
             num_bad=jnp.where(ok, 0, state.num_bad + 1).astype(state.num_bad.dtype),
