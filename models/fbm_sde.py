@@ -156,6 +156,21 @@ def _mlp(key, n_in, n_out, width, depth, zero_last=False):
     return net
 
 
+@jax.custom_jvp
+def _tanh(x):
+    """tanh whose derivative is written g − (g·h)·h with h = tanh(x): reverse mode then keeps
+    h alone per layer (``jnp.tanh`` also keeps 1 − h, a second [N, B, width] array in the
+    Euler scan)."""
+    return jnp.tanh(x)
+
+
+@_tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (g,) = primals, tangents
+    h = jnp.tanh(x)
+    return h, g - (g * h) * h
+
+
 def _batched(net):
     """Apply an equinox module to the last axis of an array of any batch shape."""
 
@@ -433,9 +448,9 @@ class LatentSDE:
 
         def apply(pre, x, y):
             state = jnp.concatenate([x, y.reshape(*y.shape[:-2], -1)], axis=-1)
-            h = jnp.tanh(state @ w_state.T + pre)
+            h = _tanh(state @ w_state.T + pre)
             for layer in net.layers[1:-1]:
-                h = jnp.tanh(h @ layer.weight.T + layer.bias)
+                h = _tanh(h @ layer.weight.T + layer.bias)
             out = h @ net.layers[-1].weight.T + net.layers[-1].bias
             if not self.noise_scale:
                 return out
