@@ -25,10 +25,12 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   of the continuous model (θ, σ fixed at the truth) and the MLE of the dt = 1/30 Euler
   model that VI fits (its exact evidence; :func:`euler_mle`).
 * **Speed** (the B2 problem at H = 0.7, batch 64): time per training step (value, gradient and
-  Adam update, one jitted call, median over repeats; compile time apart) of ours (the DSL
-  ELBO: Euler in ``lax.scan`` with the exact Girsanov density ratio of the controlled
-  increments), of the reference loss with Euler and an integrated KL, and of the reference
-  design (diffrax Stratonovich–Milstein, virtual Brownian tree, KL as an ODE state). Equal
+  Adam update, one jitted call; median of 60 steps timed in 10 interleaved rounds, so that
+  load on a shared machine falls on all three alike; compile time apart) of ours (the DSL
+  ELBO through :class:`~ppl.inference.SVI`: Euler in ``lax.scan`` with the exact Girsanov
+  density ratio of the controlled increments, the model reusing the guide's path), of the
+  reference loss with Euler and an integrated KL, and of the reference design (diffrax
+  Stratonovich–Milstein, virtual Brownian tree, KL as an ODE state). Equal
   accuracy: the reference design is trained for the same number of steps and its Ĥ and
   held-out ELBO printed next to ours. Goal ≥ 3× faster.
 * **B3: mini-video** (:mod:`ppl.models.fbm_video`): a blob following a 2-d fOU process

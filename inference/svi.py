@@ -239,6 +239,15 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(operator.and_, leaves, jnp.bool_(True))
 
 
+def _keep_if(ok, new, old):
+    """``new`` if ``ok`` else ``old`` (pytrees of equal structure). On CPU one conditional
+    (a select per leaf is one kernel each there); elsewhere a select per leaf (on GPU a
+    conditional reads its predicate back to the host)."""
+    if jax.default_backend() == "cpu":
+        return jax.lax.cond(ok, lambda: new, lambda: old)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _loss_dtype():
     return jnp.result_type(float)
 
@@ -378,10 +387,7 @@ class SVI:
         any_bad_grad = functools.reduce(operator.or_, bad_grad.values(), jnp.bool_(False))
         ok = ~bad_value & ~any_bad_grad & finite_params
 
-        # one conditional rather than a select per leaf (one kernel each on CPU)
-        params, opt_state = jax.lax.cond(
-            ok, lambda: (params, opt_state), lambda: (state.params, state.opt_state)
-        )
+        params, opt_state = _keep_if(ok, (params, opt_state), (state.params, state.opt_state))
         new_state = SVIState(
             params=params,
             opt_state=opt_state,

@@ -504,31 +504,43 @@ def test_shared_path_gives_the_same_elbo_and_gradient_with_one_scan_fewer():
     assert scans["replayed"] - scans["shared"] >= 1, scans
 
 
-def test_shared_path_is_not_used_for_a_value_the_guide_did_not_draw():
-    """A substituted increment (not the guide's own draw) is replayed by the model."""
+def test_shared_path_is_used_only_for_the_guides_own_draw_and_start():
+    """The model reuses the guide's path only for the guide's own increments from the same
+    start. To see which path the model used, its drift differs from the guide's (so that
+    sharing, which promises equal dynamics, would give the guide's path): a substituted
+    increment, an edited y0 or another x0 makes the model replay its own dynamics."""
+    x0, times = jnp.zeros(1), jnp.array([0.5, 1.0])
+    prior_drift = lambda t, x: -3.0 * x  # noqa: E731
 
-    def prior():
-        return fbm_sde("x", lambda t, x: -x, lambda t, x: jnp.ones_like(x), jnp.zeros(1),
-                       hurst=0.7, times=jnp.array([0.5, 1.0]), dt=0.05)  # fmt: skip
+    def prior(start=x0):
+        return fbm_sde("x", prior_drift, lambda t, x: jnp.ones_like(x), start, hurst=0.7,
+                       times=times, dt=0.05)  # fmt: skip
 
     def posterior():
-        return fbm_sde("x", lambda t, x: -x, lambda t, x: jnp.ones_like(x), jnp.zeros(1),
-                       hurst=0.7, times=jnp.array([0.5, 1.0]), dt=0.05,
-                       control=lambda t, x, y: 1.0 + 0.0 * x, share_path=True)  # fmt: skip
+        return fbm_sde("x", lambda t, x: -x, lambda t, x: jnp.ones_like(x), x0, hurst=0.7,
+                       times=times, dt=0.05, control=lambda t, x, y: 1.0 + 0.0 * x,
+                       share_path=True)  # fmt: skip
+
+    def model_x(tr, start=x0):
+        with trace() as mt, numpyro_replay(trace=tr):
+            seed(markov_fbm(prior, gamma_max=5.0), 1)(start)
+        return np.asarray(mt["x"]["value"])
+
+    m = markov_sde(prior_drift, lambda t, x: jnp.ones_like(x), 0.7, horizon=1.0, gamma_max=5.0)
+
+    def own(dw, y0, start=0.0):
+        return np.asarray(m.euler(start + jnp.zeros(1), y0, dw, 0.05)[0][np.array([10, 20])])
 
     gt = trace(seed(markov_fbm(posterior, gamma_max=5.0), 0)).get_trace()
-    dw = gt["x.dW"]["value"]
-    with trace() as mt, numpyro_replay(trace=gt):
-        seed(markov_fbm(prior, gamma_max=5.0), 1)()
-    np.testing.assert_allclose(mt["x"]["value"], gt["x"]["value"], rtol=1e-6)
-    other = {**gt, "x.dW": {**gt["x.dW"], "value": dw * 0.5}}
-    with trace() as mt:
-        with numpyro_replay(trace=other):
-            seed(markov_fbm(prior, gamma_max=5.0), 1)()
-    m = markov_sde(lambda t, x: -x, lambda t, x: jnp.ones_like(x), 0.7, horizon=1.0, gamma_max=5.0)
-    y0 = gt["x.y0"]["value"]
-    xs = m.euler(jnp.zeros(1), y0, dw * 0.5, 0.05)[0]
-    np.testing.assert_allclose(mt["x"]["value"], xs[np.array([10, 20])], rtol=1e-5, atol=1e-6)
+    dw, y0 = gt["x.dW"]["value"], gt["x.y0"]["value"]
+    np.testing.assert_array_equal(model_x(gt), gt["x"]["value"])  # shared
+    assert np.abs(own(dw, y0) - gt["x"]["value"]).max() > 0.05  # the detector works
+    half = {**gt, "x.dW": {**gt["x.dW"], "value": dw * 0.5}}
+    np.testing.assert_allclose(model_x(half), own(dw * 0.5, y0), rtol=1e-5, atol=1e-6)
+    moved = {**gt, "x.y0": {**gt["x.y0"], "value": y0 + 1.0}}
+    np.testing.assert_allclose(model_x(moved), own(dw, y0 + 1.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model_x(gt, jnp.ones(1)), own(dw, y0, 1.0), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="share_path"):
         markov_fbm(lambda: fbm_sde("x", lambda t, x: -x, lambda t, x: 1.0, jnp.zeros(1),
                                    hurst=0.7, times=jnp.array([1.0]), dt=0.05,

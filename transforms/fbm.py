@@ -855,10 +855,11 @@ def fbm_sde(
             fbm_type=_check_type(fbm_type),
             control=control,
             t_end=t_end,
-            share_path=bool(share_path),
         ),
         "value": None,
     }
+    if share_path:  # only then, so that other handlers of FBM_SDE need not know the option
+        msg["kwargs"]["share_path"] = True
     if not _PYRO_STACK:
         return _no_markov()
     return apply_stack(msg)["value"]
@@ -1052,14 +1053,27 @@ class _site_infer(Messenger):
             self.infer.update(msg.get("infer") or {})
 
 
-def _shared_path(infer, inc, shape):
-    """The guide's path ``[N+1, *batch, D]`` for increments ``inc`` if the guide shared it
-    (``share_path``) and ``inc`` is the guide's own draw, else None."""
+def _shared_path(infer, inc, sde, x0, y0, dt):
+    """The guide's path ``[N+1, *lead, D]`` for increments ``inc`` if the guide shared it
+    (``share_path``), ``inc`` is the guide's own draw, and the guide walked it from the same
+    start (``x0``; ``y0`` for type I: the same arrays, e.g. the replayed sites) on the same
+    grid and OU speeds; else None (the model replays). The drift, diffusion, H and their
+    parameters cannot be compared: ``share_path=True`` promises that they are the model's.
+    """
     law = infer.get(_SHARED_PATH)
     cache = law._cached(inc) if isinstance(law, ControlledIncrements) else None
-    if cache is None or cache[2].shape != shape:
+    if cache is None:
         return None
-    return cache[2]
+    guide = law.sde
+    same = (
+        law.dt == dt
+        and law.x0 is x0
+        and guide.fbm_type == sde.fbm_type
+        and np.array_equal(np.asarray(guide.gammas), np.asarray(sde.gammas))
+        and (sde.fbm_type == "II" or law.y0 is y0)
+    )
+    shape = (inc.shape[-2] + 1, *inc.shape[:-2], inc.shape[-1])
+    return cache[2] if same and cache[2].shape == shape else None
 
 
 class markov_fbm(Messenger):
@@ -1125,7 +1139,19 @@ class markov_fbm(Messenger):
             msg["fn"] = self._path
 
     def _path(
-        self, name, drift, diffusion, x0, *, hurst, times, dt, fbm_type, control, t_end, share_path
+        self,
+        name,
+        drift,
+        diffusion,
+        x0,
+        *,
+        hurst,
+        times,
+        dt,
+        fbm_type,
+        control,
+        t_end,
+        share_path=False,
     ):
         cfg = self.config
         if _is_concrete(times):
@@ -1164,7 +1190,7 @@ class markov_fbm(Messenger):
             law = dist.Normal(0.0, math.sqrt(dt)).expand((*batch, num_steps, d)).to_event(2)
             with _site_infer(f"{name}.dW") as infer:
                 inc = numpyro.sample(f"{name}.dW", law)
-            xs = _shared_path(infer, inc, (num_steps + 1, *batch, d))
+            xs = _shared_path(infer, inc, sde, x0, y0, dt)
             if xs is None:
                 xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
         else:
