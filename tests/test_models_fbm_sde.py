@@ -309,6 +309,21 @@ def test_video_model_elbo_runs_and_decoder_renders_frames():
     assert frames.shape == (3, 256) and bool(jnp.all((frames > 0) & (frames < 1)))
 
 
+def _nonzero_control_params(sde, ts, ys, seed=2):
+    """Constrained initial params with a non-zero last control layer (seeded)."""
+    params = ppl.constrain_params(
+        ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
+        sde.model, sde.guide, ts, ys,
+    )  # fmt: skip
+    last = params["control$params"].layers[-1]
+    params["control$params"] = eqx.tree_at(
+        lambda m: m.layers[-1].weight,
+        params["control$params"],
+        0.3 * jax.random.normal(jax.random.PRNGKey(seed), last.weight.shape),
+    )
+    return params
+
+
 @pytest.mark.parametrize("fbm_type", ["I", pytest.param("II", marks=pytest.mark.slow)])
 def test_paths_on_the_grid_reproduce_the_guide_at_observation_times(fbm_type):
     """``LatentSDE.paths`` (prior Euler driven by the guide's increments) equals the guide's
@@ -317,17 +332,7 @@ def test_paths_on_the_grid_reproduce_the_guide_at_observation_times(fbm_type):
                     width=8)  # fmt: skip
     ts = jnp.array([0.2, 0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 2)))
-    params = ppl.constrain_params(
-        ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
-        sde.model, sde.guide, ts, ys,
-    )  # fmt: skip
-    # a non-zero control, so the increments are not prior draws
-    last = params["control$params"].layers[-1]
-    params["control$params"] = eqx.tree_at(
-        lambda m: m.layers[-1].weight,
-        params["control$params"],
-        0.3 * jax.random.normal(jax.random.PRNGKey(2), last.weight.shape),
-    )
+    params = _nonzero_control_params(sde, ts, ys)  # increments that are not prior draws
     grid, xs = sde.paths(params, jax.random.PRNGKey(3), ts, ys)
     tr = trace(seed(substitute(sde.guide, data=params), jax.random.PRNGKey(3))).get_trace(ts, ys)
     assert grid.shape == (51,) and xs.shape == (51, 4, 2)
@@ -412,20 +417,6 @@ def test_expected_kl_gradient_same_value_same_mean_lower_variance():
     assert np.all(np.abs(g_ex.mean(0) - g_en.mean(0)) <= 4 * se + 1e-6)
     assert g_en.var(0).sum() < g_ex.var(0).sum()
     assert not np.allclose(g_ex[0], g_en[0])  # the estimators differ sample by sample
-
-
-def _nonzero_control_params(sde, ts, ys, seed=2):
-    params = ppl.constrain_params(
-        ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
-        sde.model, sde.guide, ts, ys,
-    )  # fmt: skip
-    last = params["control$params"].layers[-1]
-    params["control$params"] = eqx.tree_at(
-        lambda m: m.layers[-1].weight,
-        params["control$params"],
-        0.3 * jax.random.normal(jax.random.PRNGKey(seed), last.weight.shape),
-    )
-    return params
 
 
 @pytest.mark.parametrize("noise_scale", [False, True])
