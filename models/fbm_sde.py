@@ -219,6 +219,11 @@ class LatentSDE:
         gap is large and depends on H, which biases the learned H toward smooth priors.
         Both families are compared in ``benchmarks/fbm.py``, which also computes each
         family's best possible gap exactly.
+    :param gain_schedule: ``True`` (default): the control adds to the MLP's u an affine
+        feedback with time-varying gains, G(t)·[x, y] + Σ_j G_j(t)·c_j + g(t) (c_j: the
+        context at the last, next and next-but-one observation), whose gains are a function
+        of the phase features alone (see :meth:`_control`; zero at initialisation, so the
+        posterior still starts at the prior). ``False``: the MLP alone.
     :param seed: the PRNG seed of the network initialisation.
     """
 
@@ -240,6 +245,7 @@ class LatentSDE:
     x0: Any = None
     kl_gradient: str = "exact"
     noise_scale: bool = False
+    gain_schedule: bool = True
     seed: int = 0
     nets: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -281,6 +287,9 @@ class LatentSDE:
             ),
             "q_x0": _mlp(keys[1], 3 * ctx, 2 * d, w, 1),
         }
+        if self.gain_schedule:  # phase features -> gains on [x, y], on 3 contexts, offset
+            num_gains = d * (d + d * k) + d * 3 * ctx + d
+            nets["gains"] = _mlp(keys[5], 4, num_gains, w, 1, zero_last=True)
         if self.drift == "mlp":
             nets["drift"] = _mlp(keys[2], d, d, w, 2)
         elif self.drift != "ou" and not callable(self.drift):
@@ -407,27 +416,42 @@ class LatentSDE:
             )  # fmt: skip
 
     def _control(self, ctx, ts):
-        """The control u(t, x, y) of the guide, an MLP on the state and the data around t.
+        """The control u(t, x, y) of the guide, an MLP on the state and the data around t,
+        plus (``gain_schedule=True``) an affine feedback with time-varying gains.
 
-        Inputs: the state ``x [D]`` and the OU states ``y [D, K]``; the context at the last
-        observation at or before t, at the next one after t and at the one after that
-        (``3 × C``); the time to the next observation and its log, in units of the mean
-        spacing Δ̄ = T / num_times; and t/T, sin(πt/T). The time to the next observation is
-        the phase the control needs: the optimal control of a linear-Gaussian SDE steers
-        toward the next observation with a gain that grows as it nears, so a network that
-        only sees t/T would have to learn a saw-tooth with one tooth per observation.
+        MLP inputs: the state ``x [D]`` and the OU states ``y [D, K]``; the context at the
+        last observation at or before t, at the next one after t and at the one after that
+        (``3 × C``); the phase features: the time to the next observation and its log, in
+        units of the mean spacing Δ̄ = T / num_times, and t/T, sin(πt/T). The time to the
+        next observation is the phase the control needs: the optimal control of a
+        linear-Gaussian SDE steers toward the next observation with a gain that grows as it
+        nears, so a network that only sees t/T would have to learn a saw-tooth with one tooth
+        per observation.
+
+        The gain schedule: u += (G(t)·[x, y] + Σ_j G_j(t)·c_j + g(t)) / Δ̄, where
+        ``G [D, D + D·K]``, ``G_j [D, C]`` and ``g [D]`` are a tanh MLP of the four phase
+        features (zero last layer) and c_j the three contexts. For a linear-Gaussian prior
+        (OU drift, constant σ) the optimal control of the guide family is exactly of this
+        form, affine in the augmented state and the coming observations with coefficients
+        that depend on t only; a tanh MLP has to build those products of a time-dependent
+        gain and a state out of saturating units, and fits them on the training sequences
+        only. The gains depend on time alone, so they are computed for the whole grid
+        outside the Euler scan, and they carry over to new sequences as they are.
         """
         net = eqx_module("control", self.nets["control"])
+        gains = eqx_module("gains", self.nets["gains"]) if self.gain_schedule else None
         t_max = self.horizon if self.horizon is not None else float(ts[-1])
         spacing = t_max / len(ts)
         ts_arr = jnp.asarray(ts, dtype=ctx.dtype)
         last_index = len(ts) - 1
+        d = int(self.dim)
         first = net.layers[0]
         num_state = first.weight.shape[1] - ctx.shape[-1] * 3 - 4  # the columns of x and y
         w_state = first.weight[:, :num_state]  # sliced once, outside the scan
 
         def features(grid):
-            """The time part of the first layer, ``[N, B, width]`` for times ``grid [N]``."""
+            """The time part for times ``grid [N]``: the MLP's first layer ``[N, B, width]``
+            and, with the gain schedule, ``(G [N, D, D + D·K], offset [N, B, D])``."""
             nxt = jnp.searchsorted(ts_arr, grid, side="right", method="compare_all")
             nxt = jnp.minimum(nxt, last_index)
             idx = jnp.stack([jnp.maximum(nxt - 1, 0), nxt, jnp.minimum(nxt + 1, last_index)], -1)
@@ -444,18 +468,29 @@ class LatentSDE:
             )  # fmt: skip  [N, 4]
             w_obs, w_phase = first.weight[:, num_state:-4], first.weight[:, -4:]
             pre = jnp.einsum("bnc,hc->nbh", obs, w_obs) + (phase @ w_phase.T + first.bias)[:, None]
-            return pre
+            if gains is None:
+                return pre
+            g = _batched(gains)(phase) / spacing  # [N, D·S + D·3C + D]
+            g_state = g[:, : d * num_state].reshape(len(grid), d, num_state)
+            g_obs = g[:, d * num_state : -d].reshape(len(grid), d, -1)
+            offset = jnp.einsum("ndc,bnc->nbd", g_obs, obs) + g[:, None, -d:]
+            return pre, (g_state, offset)
 
-        def apply(pre, x, y):
+        def apply(feats, x, y):
+            pre, affine = (feats, None) if gains is None else feats
             state = jnp.concatenate([x, y.reshape(*y.shape[:-2], -1)], axis=-1)
             h = _tanh(state @ w_state.T + pre)
             for layer in net.layers[1:-1]:
                 h = _tanh(h @ layer.weight.T + layer.bias)
             out = h @ net.layers[-1].weight.T + net.layers[-1].bias
+            u = out[..., :d]
+            if affine is not None:
+                g_state, offset = affine
+                u = u + jnp.einsum("ds,...s->...d", g_state, state) + offset
             if not self.noise_scale:
-                return out
-            d = x.shape[-1]  # (u, s) with s = exp(raw) = 1 at the zero initialisation
-            return out[..., :d], jnp.exp(jnp.clip(out[..., d:], -_MAX_LOG_SCALE, _MAX_LOG_SCALE))
+                return u
+            # s = exp(raw) = 1 at the zero initialisation
+            return u, jnp.exp(jnp.clip(out[..., d:], -_MAX_LOG_SCALE, _MAX_LOG_SCALE))
 
         return GridControl(features, apply)
 

@@ -310,17 +310,22 @@ def test_video_model_elbo_runs_and_decoder_renders_frames():
 
 
 def _nonzero_control_params(sde, ts, ys, seed=2):
-    """Constrained initial params with a non-zero last control layer (seeded)."""
+    """Constrained initial params with non-zero last layers of the control MLP and of the
+    gain schedule (seeded)."""
     params = ppl.constrain_params(
         ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
         sde.model, sde.guide, ts, ys,
     )  # fmt: skip
-    last = params["control$params"].layers[-1]
-    params["control$params"] = eqx.tree_at(
-        lambda m: m.layers[-1].weight,
-        params["control$params"],
-        0.3 * jax.random.normal(jax.random.PRNGKey(seed), last.weight.shape),
-    )
+    for i, name in enumerate(n for n in ("control$params", "gains$params") if n in params):
+        last = params[name].layers[-1]
+        params[name] = eqx.tree_at(
+            lambda m: (m.layers[-1].weight, m.layers[-1].bias),
+            params[name],
+            tuple(
+                0.3 * jax.random.normal(jax.random.PRNGKey(seed + 10 * i + j), a.shape)
+                for j, a in enumerate((last.weight, last.bias))
+            ),
+        )
     return params
 
 
@@ -419,13 +424,17 @@ def test_expected_kl_gradient_same_value_same_mean_lower_variance():
     assert not np.allclose(g_ex[0], g_en[0])  # the estimators differ sample by sample
 
 
-@pytest.mark.parametrize("noise_scale", [False, True])
-def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale):
+@pytest.mark.parametrize(
+    "noise_scale, gain_schedule", [(False, False), (False, True), (True, False), (True, True)]
+)
+def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale, gain_schedule):
     """The guide's control (a GridControl: time part computed for the whole grid) equals the
     control MLP applied to [x, y, context at the last/next/next-but-one observation, phase
-    features] written out here, at grid times, between them and at the observation times."""
+    features] written out here, plus the gain schedule's (G·[x, y] + Σ_j G_j·c_j + g) / Δ̄
+    with the gains the gain MLP of the phase features, at grid times, between them and at
+    the observation times."""
     sde = LatentSDE(dim=2, hurst=0.6, drift="ou", horizon=1.0, dt=0.02, width=8,
-                    noise_scale=noise_scale)  # fmt: skip
+                    noise_scale=noise_scale, gain_schedule=gain_schedule)  # fmt: skip
     ts = jnp.array([0.2, 0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 2)))
     params = _nonzero_control_params(sde, ts, ys)
@@ -433,6 +442,10 @@ def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale):
         control = sde._control(sde._context(ys), ts)
     assert isinstance(control, GridControl)
     net = eqx.combine(params["control$params"], sde.nets["control"])
+    if gain_schedule:
+        gains = eqx.combine(params["gains$params"], sde.nets["gains"])
+    else:
+        assert "gains" not in sde.nets and "gains$params" not in params
     rng = np.random.default_rng(5)
     x, y = rng.standard_normal((4, 2)), rng.standard_normal((4, 2, 5))
 
@@ -441,11 +454,17 @@ def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale):
         obs = np.asarray(ys)[:, [max(nxt - 1, 0), nxt, min(nxt + 1, 2)]].reshape(4, -1)
         to_next = max(float(ts[nxt]) - t, 0.0) / (1.0 / 3)
         phase = [to_next, math.log(to_next + 0.02 * 3), t, math.sin(math.pi * t)]
-        feats = np.concatenate([x, y.reshape(4, -1), obs, np.tile(phase, (4, 1))], -1)
+        state = np.concatenate([x, y.reshape(4, -1)], -1)  # [4, 12]
+        feats = np.concatenate([state, obs, np.tile(phase, (4, 1))], -1)
         out = np.asarray(jax.vmap(net)(jnp.asarray(feats, jnp.float32)))
+        u = out[:, :2]
+        if gain_schedule:
+            g = np.asarray(gains(jnp.asarray(phase, jnp.float32))) * 3  # 1/Δ̄ = 3
+            g_state, g_obs, g0 = g[:24].reshape(2, 12), g[24:36].reshape(2, 6), g[36:]
+            u = u + state @ g_state.T + obs @ g_obs.T + g0
         if not noise_scale:
-            return out
-        return out[:, :2], np.exp(np.clip(out[:, 2:], -5, 5))
+            return u
+        return u, np.exp(np.clip(out[:, 2:], -5, 5))
 
     grid = 0.02 * jnp.arange(50)  # float32: t = 0.2 may fall on either side of ts[0]
     grid_feats = control.features(grid)
@@ -453,7 +472,8 @@ def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale):
         got, want = control(t, jnp.asarray(x), jnp.asarray(y)), reference(t)
         np.testing.assert_allclose(np.hstack(got), np.hstack(want), rtol=1e-5, atol=1e-6)
     for n in (0, 10, 25, 31, 49):
-        got = control.apply(grid_feats[n], jnp.asarray(x), jnp.asarray(y))
+        feats_n = jax.tree.map(lambda leaf, n=n: leaf[n], grid_feats)
+        got = control.apply(feats_n, jnp.asarray(x), jnp.asarray(y))
         want = reference(float(grid[n]))
         np.testing.assert_allclose(np.hstack(got), np.hstack(want), rtol=1e-5, atol=1e-5)
 
@@ -466,7 +486,8 @@ def test_shared_path_gives_the_same_elbo_and_gradient_with_one_scan_fewer():
     ts = jnp.array([0.2, 0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 1)))
     params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
-    params["control$params"] = _nonzero_control_params(sde, ts, ys)["control$params"]
+    nonzero = _nonzero_control_params(sde, ts, ys)
+    params.update({k: nonzero[k] for k in ("control$params", "gains$params")})
 
     def unshared_guide(ts, ys):  # the same guide, with the model replaying the path
         def no_share(msg):
