@@ -715,6 +715,12 @@ def _options(group):
         "precise against the noise of one Euler step (default: the paper's drift-only guide)",
     )
     group.add_argument(
+        "--no-gain-schedule",
+        action="store_true",
+        help="the control is the MLP alone, without the affine feedback whose gains depend "
+        "on time only (LatentSDE(gain_schedule=False))",
+    )
+    group.add_argument(
         "--true-hurst",
         type=float,
         default=0.7,
@@ -777,6 +783,7 @@ def _build(opts) -> Problem:
         # ELBO only): importance-weighted objectives keep the exact density-ratio gradient
         kl_gradient="expected" if getattr(opts, "objective", "elbo") == "elbo" else "exact",
         noise_scale=bool(getattr(opts, "noise_scale", False)),
+        gain_schedule=not getattr(opts, "no_gain_schedule", False),
         seed=opts.seed if hasattr(opts, "seed") else 0,
     )
     ts_j, ys_j = jnp.asarray(ts), jnp.asarray(data["ys"])

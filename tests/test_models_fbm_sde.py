@@ -249,6 +249,22 @@ def test_cli_rejects_bad_step_before_building(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, noise_scale, gain_schedule",
+    [([], False, True), (["--noise-scale", "--no-gain-schedule"], True, False)],
+)
+def test_cli_guide_flags_reach_the_latent_sde(flags, noise_scale, gain_schedule):
+    """``--noise-scale`` and ``--no-gain-schedule`` set the guide family of the built model
+    (and with them the nets it has: the gain MLP and the control's output size)."""
+    from ppl import cli
+    from ppl.models.fbm_sde import _build
+
+    sde = _build(cli.build_parser().parse_args(["fit", "fbm-sde", *flags])).data["sde"]
+    assert (sde.noise_scale, sde.gain_schedule) == (noise_scale, gain_schedule)
+    assert ("gains" in sde.nets) == gain_schedule
+    assert sde.nets["control"].layers[-1].weight.shape[0] == (2 if noise_scale else 1)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from ppl import cli
