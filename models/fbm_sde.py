@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 _HURST_EPS = 1e-3  # H = clip(sigmoid(raw), eps, 1 − eps): ω(H) is singular at 0 and 1
+_GAIN_SCALE = 0.25  # the gain MLP's output unit, × 1/Δ̄: at 1/Δ̄ Adam moved the gains so fast that
+# B2's learned H went off (0.356 and 0.602 for true 0.3 and 0.7; 0.27 and 0.66 at 0.25/Δ̄)
 _MAX_LOG_SCALE = 5.0  # |log s| of the guide's noise scale (noise_scale=True)
 
 
@@ -428,7 +430,7 @@ class LatentSDE:
         nears, so a network that only sees t/T would have to learn a saw-tooth with one tooth
         per observation.
 
-        The gain schedule: u += (G(t)·[x, y] + Σ_j G_j(t)·c_j + g(t)) / Δ̄, where
+        The gain schedule: u += (G(t)·[x, y] + Σ_j G_j(t)·c_j + g(t)) / (4Δ̄), where
         ``G [D, D + D·K]``, ``G_j [D, C]`` and ``g [D]`` are a tanh MLP of the four phase
         features (zero last layer) and c_j the three contexts. For a linear-Gaussian prior
         (OU drift, constant σ) the optimal control of the guide family is exactly of this
@@ -470,7 +472,7 @@ class LatentSDE:
             pre = jnp.einsum("bnc,hc->nbh", obs, w_obs) + (phase @ w_phase.T + first.bias)[:, None]
             if gains is None:
                 return pre
-            g = _batched(gains)(phase) / spacing  # [N, D·S + D·3C + D]
+            g = _batched(gains)(phase) * (_GAIN_SCALE / spacing)  # [N, D·S + D·3C + D]
             g_state = g[:, : d * num_state].reshape(len(grid), d, num_state)
             g_obs = g[:, d * num_state : -d].reshape(len(grid), d, -1)
             offset = jnp.einsum("ndc,bnc->nbd", g_obs, obs) + g[:, None, -d:]

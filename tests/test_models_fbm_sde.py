@@ -446,7 +446,7 @@ def test_expected_kl_gradient_same_value_same_mean_lower_variance():
 def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale, gain_schedule):
     """The guide's control (a GridControl: time part computed for the whole grid) equals the
     control MLP applied to [x, y, context at the last/next/next-but-one observation, phase
-    features] written out here, plus the gain schedule's (G·[x, y] + Σ_j G_j·c_j + g) / Δ̄
+    features] written out here, plus the gain schedule's (G·[x, y] + Σ_j G_j·c_j + g) / (4Δ̄)
     with the gains the gain MLP of the phase features, at grid times, between them and at
     the observation times."""
     sde = LatentSDE(dim=2, hurst=0.6, drift="ou", horizon=1.0, dt=0.02, width=8,
@@ -475,7 +475,7 @@ def test_grid_control_is_the_mlp_of_the_documented_features(noise_scale, gain_sc
         out = np.asarray(jax.vmap(net)(jnp.asarray(feats, jnp.float32)))
         u = out[:, :2]
         if gain_schedule:
-            g = np.asarray(gains(jnp.asarray(phase, jnp.float32))) * 3  # 1/Δ̄ = 3
+            g = np.asarray(gains(jnp.asarray(phase, jnp.float32))) * 0.75  # 1/(4Δ̄) = 3/4
             g_state, g_obs, g0 = g[:24].reshape(2, 12), g[24:36].reshape(2, 6), g[36:]
             u = u + state @ g_state.T + obs @ g_obs.T + g0
         if not noise_scale:
