@@ -529,8 +529,9 @@ def test_shared_path_gives_the_same_elbo_and_gradient_with_one_scan_fewer():
     np.testing.assert_allclose(out["shared"][0], out["replayed"][0], rtol=1e-6)
     for a, b in zip(
         jax.tree.leaves(out["shared"][1]), jax.tree.leaves(out["replayed"][1]), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    ):  # float32 sums in another order: an entry far below its leaf's largest (~200 for the
+        # gain MLP's weights) carries rounding of that size, hence atol relative to the leaf
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))) + 1e-6)
     assert scans["replayed"] - scans["shared"] >= 1, scans
 
 
