@@ -65,8 +65,9 @@ __all__ = [
 ]
 
 _HURST_EPS = 1e-3  # H = clip(sigmoid(raw), eps, 1 − eps): ω(H) is singular at 0 and 1
-_GAIN_SCALE = 0.25  # the gain MLP's output unit, × 1/Δ̄: at 1/Δ̄ Adam moved the gains so fast that
-# B2's learned H went off (0.356 and 0.602 for true 0.3 and 0.7; 0.27 and 0.66 at 0.25/Δ̄)
+# The gains' unit is _GAIN_SCALE / Δ̄. At 1 / Δ̄ Adam moved them fast enough to bias B2's learned
+# H (0.356 and 0.602 for true H = 0.3 and 0.7, against 0.270 and 0.660 at 0.25 / Δ̄).
+_GAIN_SCALE = 0.25
 _MAX_LOG_SCALE = 5.0  # |log s| of the guide's noise scale (noise_scale=True)
 
 
@@ -433,12 +434,13 @@ class LatentSDE:
         The gain schedule: u += (G(t)·[x, y] + Σ_j G_j(t)·c_j + g(t)) / (4Δ̄), where
         ``G [D, D + D·K]``, ``G_j [D, C]`` and ``g [D]`` are a tanh MLP of the four phase
         features (zero last layer) and c_j the three contexts. For a linear-Gaussian prior
-        (OU drift, constant σ) the optimal control of the guide family is exactly of this
-        form, affine in the augmented state and the coming observations with coefficients
-        that depend on t only; a tanh MLP has to build those products of a time-dependent
-        gain and a state out of saturating units, and fits them on the training sequences
-        only. The gains depend on time alone, so they are computed for the whole grid
-        outside the Euler scan, and they carry over to new sequences as they are.
+        (OU drift, constant σ) the optimal control of the guide family has this form, affine
+        in the augmented state and the coming observations with coefficients that depend on
+        t only (the schedule keeps the two nearest observations ahead); a tanh MLP has to
+        build those products of a time-dependent gain and a state out of saturating units,
+        and fits them on the training sequences only. The gains depend on time alone, so
+        they are computed for the whole grid outside the Euler scan, and they carry over to
+        new sequences as they are.
         """
         net = eqx_module("control", self.nets["control"])
         gains = eqx_module("gains", self.nets["gains"]) if self.gain_schedule else None
