@@ -44,7 +44,9 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
 Run: ``python benchmarks/fbm.py`` (all four; on 2 idle CPU cores B2 takes about 15 minutes
 and the speed table 2, but B3 took about 5 s per step on 2 loaded cores, so an hour or more
 for its 4 × 300 steps: run it on a GPU or with ``--steps``), ``--quick`` (a smoke run),
-``--only b1|b2|speed|b3`` (repeatable), ``--steps N`` (override every training length).
+``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds`` repeats B2's model comparison
+over ``--seeds`` network seeds, not part of the default run), ``--steps N`` (override every
+training length).
 Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
 
@@ -253,9 +255,9 @@ def b1(hursts, steps, width=128, lr=3e-3, batch=32):
 # ------------------------------------------------------------------------------ B2
 
 
-def fou_model(hurst, width=64, noise_scale=False):
+def fou_model(hurst, width=64, noise_scale=False, seed=0):
     return LatentSDE(dim=1, hurst=hurst, drift="ou", horizon=2.4, width=width, obs_sd=0.05,
-                     kl_gradient="expected", noise_scale=noise_scale)  # fmt: skip
+                     kl_gradient="expected", noise_scale=noise_scale, seed=seed)  # fmt: skip
 
 
 def decayed(lr, steps, decay):
@@ -362,6 +364,46 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
          "exact", "gap", "floor", "step"],
         rows,
     )  # fmt: skip
+
+
+def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=1000, particles=32):
+    """B2's MA-fBM − BM comparison (noise-scale guides) repeated over network seeds: the
+    spread between training runs, which the ± of one run's held-out bound leaves out."""
+    header(
+        f"B2 over network seeds: MA-fBM − BM on the held-out paths ({len(seeds)} seeds)",
+        [
+            f"as B2 (drift + scale guides, {steps} steps); LatentSDE(seed=s) initialises the "
+            "networks, the data, training keys and evaluation keys are B2's. Last rows: mean "
+            "± standard error over the seeds.",
+        ],
+    )
+    rows = []
+    for h in hursts:
+        d, held = simulate_fou(1, hurst=h, num_paths=64), simulate_fou(2, hurst=h, num_paths=32)
+        ts, ys, ys_h = jnp.asarray(d["ts"]), jnp.asarray(d["ys"]), jnp.asarray(held["ys"])
+        diffs = []
+        for s in seeds:
+            bounds, h_vi = {}, None
+            for hurst in (None, "bm"):
+                sde = fou_model(hurst, noise_scale=True, seed=s)
+                res, _, _ = train(sde, ts, ys, steps, decayed(lr, steps, decay))
+                bounds[hurst] = (
+                    elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=32)[0],
+                    elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=8, seed=200,
+                                      objective=ppl.objectives.iwelbo(particles))[0],
+                )  # fmt: skip
+                h_vi = h_vi if hurst == "bm" else sde.hurst_value(res.params)
+            diff = [bounds[None][k] - bounds["bm"][k] for k in (0, 1)]
+            diffs.append(diff)
+            ma, bm = bounds[None][0], bounds["bm"][0]
+            rows.append([f"{h:g}", str(s), fmt(h_vi, 3), f"{ma:.2f}", f"{bm:.2f}",
+                         f"{diff[0]:+.2f}", f"{diff[1]:+.2f}"])  # fmt: skip
+        mean = np.mean(diffs, 0)
+        se = np.std(diffs, 0, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else [np.nan] * 2
+        rows.append([f"{h:g}", "mean", "", "", "", f"{mean[0]:+.2f} ± {se[0]:.2f}",
+                     f"{mean[1]:+.2f} ± {se[1]:.2f}"])  # fmt: skip
+    table(["H", "seed", "Ĥ (VI)", "MA-fBM ELBO", "BM ELBO", "MA − BM, ELBO",
+           f"MA − BM, IWELBO({particles})"], rows)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ speed
@@ -541,7 +583,9 @@ def reconstruction_mse(sde, params_c, ts, data, draws=16):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (short training)")
-    parser.add_argument("--only", action="append", choices=("b1", "b2", "speed", "b3"))
+    parser.add_argument("--only", action="append",
+                        choices=("b1", "b2", "b2-seeds", "speed", "b3"))  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=4, help="network seeds (b2-seeds)")
     parser.add_argument("--steps", type=int, default=None, help="override training lengths")
     parser.add_argument("--repeats", type=int, default=60, help="timed steps (speed)")
     args = parser.parse_args(argv)
@@ -554,6 +598,9 @@ def main(argv=None):
         b1((0.7, 0.5, 0.3), args.steps or (200 if q else 2000))
     if "b2" in only:
         b2((0.3, 0.5, 0.7), args.steps or (150 if q else 4000), decay=100 if q else 1000)
+    if "b2-seeds" in only:
+        b2_seeds((0.3, 0.7), args.steps or (150 if q else 4000), range(args.seeds),
+                 decay=100 if q else 1000)  # fmt: skip
     if "speed" in only:
         speed(args.steps or (60 if q else 1500), 10 if q else args.repeats)
     if "b3" in only:
