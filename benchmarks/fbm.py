@@ -45,8 +45,8 @@ Run: ``python benchmarks/fbm.py`` (all four; on 2 idle CPU cores B2 takes about 
 and the speed table 2, but B3 took about 5 s per step on 2 loaded cores, so an hour or more
 for its 4 × 300 steps: run it on a GPU or with ``--steps``), ``--quick`` (a smoke run),
 ``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds`` repeats B2's model comparison
-over ``--seeds`` network seeds, not part of the default run), ``--steps N`` (override every
-training length).
+over ``--seeds`` seeds of the networks and training keys, not part of the default run),
+``--steps N`` (override every training length).
 Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
 
@@ -102,6 +102,16 @@ def elbo_per_sequence(sde, params, ts, ys, keys=8, seed=100, objective=ppl.objec
         float(f(params, jax.random.PRNGKey(seed + i), ts, ys)[0]) / ys.shape[0] for i in range(keys)
     ]
     return float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(keys))
+
+
+def held_out_bounds(sde, params, ts, ys, particles=32):
+    """The held-out ELBO (32 draws) and IWELBO(``particles``) (8 draws) per sequence, each
+    ``(mean, standard error)``, with fixed evaluation keys."""
+    iwelbo = ppl.objectives.iwelbo(particles)
+    return (
+        elbo_per_sequence(sde, params, ts, ys, keys=32),
+        elbo_per_sequence(sde, params, ts, ys, keys=8, seed=200, objective=iwelbo),
+    )
 
 
 # ------------------------------------------------------------------------------ B1
@@ -271,7 +281,7 @@ def decayed(lr, steps, decay):
 
 def euler_mle(sde, ts, ys):
     """The maximum-likelihood θ, σ and H (H = ½ for ``hurst="bm"``) of the dt = 1/30 Euler
-    OU model ``sde`` (X₀ = 0) on ``ys [P, T]``, from its exact evidence (:func:`family_gaps`),
+    OU model ``sde`` (X₀ = 0) on ``ys [P, T]``, from its exact evidence (:func:`log_evidence`),
     by Nelder–Mead on (log θ, log σ, logit H): the values VI converges to when the guide's gap
     depends on none of them. Returns ``(theta, sigma, hurst, log_evidence)`` with
     ``log_evidence(ys_new)`` the exact mean log evidence per sequence there."""
@@ -332,9 +342,7 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
                                           ("BM, drift + scale", "bm", True)):  # fmt: skip
             sde = fou_model(hurst, noise_scale=noise_scale)
             res, _, t_step = train(sde, ts, ys, steps, decayed(lr, steps, decay))
-            elbo, se = elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=32)
-            iw, se_iw = elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=8, seed=200,
-                                          objective=ppl.objectives.iwelbo(particles))  # fmt: skip
+            (elbo, se), (iw, se_iw) = held_out_bounds(sde, res.state.params, ts, ys_h, particles)
             fits[label] = (elbo, se, iw, se_iw)
             h_vi = sde.hurst_value(res.params)
             floor = floor_scale if noise_scale else floor_drift
@@ -367,10 +375,11 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
 
 
 def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=1000, particles=32):
-    """B2's MA-fBM − BM comparison (noise-scale guides) repeated over network seeds: the
-    spread between training runs, which the ± of one run's held-out bound leaves out."""
+    """B2's MA-fBM − BM comparison (noise-scale guides) repeated over seeds of the networks
+    and training keys: the spread between training runs, which the ± of one run's held-out
+    bound leaves out."""
     header(
-        f"B2 over network seeds: MA-fBM − BM on the held-out paths ({len(seeds)} seeds)",
+        f"B2 over training seeds: MA-fBM − BM on the held-out paths ({len(seeds)} seeds)",
         [
             f"as B2 (drift + scale guides, {steps} steps); seed s initialises the networks "
             "(LatentSDE(seed=s)) and draws the training keys; the data and the evaluation keys "
@@ -383,20 +392,16 @@ def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=1000, particles=32):
         ts, ys, ys_h = jnp.asarray(d["ts"]), jnp.asarray(d["ys"]), jnp.asarray(held["ys"])
         diffs = []
         for s in seeds:
-            bounds, h_vi = {}, None
+            bounds, h_vi = {}, {}
             for hurst in (None, "bm"):
                 sde = fou_model(hurst, noise_scale=True, seed=s)
                 res, _, _ = train(sde, ts, ys, steps, decayed(lr, steps, decay), seed=s)
-                bounds[hurst] = (
-                    elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=32)[0],
-                    elbo_per_sequence(sde, res.state.params, ts, ys_h, keys=8, seed=200,
-                                      objective=ppl.objectives.iwelbo(particles))[0],
-                )  # fmt: skip
-                h_vi = h_vi if hurst == "bm" else sde.hurst_value(res.params)
+                elbo, iw = held_out_bounds(sde, res.state.params, ts, ys_h, particles)
+                bounds[hurst], h_vi[hurst] = (elbo[0], iw[0]), sde.hurst_value(res.params)
             diff = [bounds[None][k] - bounds["bm"][k] for k in (0, 1)]
             diffs.append(diff)
             ma, bm = bounds[None][0], bounds["bm"][0]
-            rows.append([f"{h:g}", str(s), fmt(h_vi, 3), f"{ma:.2f}", f"{bm:.2f}",
+            rows.append([f"{h:g}", str(s), fmt(h_vi[None], 3), f"{ma:.2f}", f"{bm:.2f}",
                          f"{diff[0]:+.2f}", f"{diff[1]:+.2f}"])  # fmt: skip
         mean = np.mean(diffs, 0)
         se = np.std(diffs, 0, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else [np.nan] * 2
@@ -585,7 +590,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smoke run (short training)")
     parser.add_argument("--only", action="append",
                         choices=("b1", "b2", "b2-seeds", "speed", "b3"))  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=4, help="network seeds (b2-seeds)")
+    parser.add_argument("--seeds", type=int, default=4, help="training seeds (b2-seeds)")
     parser.add_argument("--steps", type=int, default=None, help="override training lengths")
     parser.add_argument("--repeats", type=int, default=60, help="timed steps (speed)")
     args = parser.parse_args(argv)
