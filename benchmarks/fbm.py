@@ -265,9 +265,22 @@ def b1(hursts, steps, width=128, lr=3e-3, batch=32):
 # ------------------------------------------------------------------------------ B2
 
 
-def fou_model(hurst, width=64, noise_scale=False, seed=0):
-    return LatentSDE(dim=1, hurst=hurst, drift="ou", horizon=2.4, width=width, obs_sd=0.05,
-                     kl_gradient="expected", noise_scale=noise_scale, seed=seed)  # fmt: skip
+def unit_ou_drift(t, x):
+    """The fOU drift −θx at the data's θ = 1 (B2 with ``--known-params``)."""
+    return -x
+
+
+def unit_diffusion(t, x):
+    """The data's σ = 1 (B2 with ``--known-params``)."""
+    return jnp.ones_like(x)
+
+
+def fou_model(hurst, width=64, noise_scale=False, seed=0, known=False):
+    """B2's model: an OU drift with θ and σ learned, or (``known``) fixed at the data's 1."""
+    drift, diffusion = (unit_ou_drift, unit_diffusion) if known else ("ou", "constant")
+    return LatentSDE(dim=1, hurst=hurst, drift=drift, diffusion=diffusion, horizon=2.4,
+                     width=width, obs_sd=0.05, kl_gradient="expected", noise_scale=noise_scale,
+                     seed=seed)  # fmt: skip
 
 
 def decayed(lr, steps, decay):
@@ -280,25 +293,33 @@ def decayed(lr, steps, decay):
 
 
 def euler_mle(sde, ts, ys):
-    """The maximum-likelihood θ, σ and H (H = ½ for ``hurst="bm"``) of the dt = 1/30 Euler
-    OU model ``sde`` (X₀ = 0) on ``ys [P, T]``, from its exact evidence (:func:`log_evidence`),
-    by Nelder–Mead on (log θ, log σ, logit H): the values VI converges to when the guide's gap
+    """The maximum-likelihood θ, σ and H of the dt = 1/30 Euler OU model ``sde`` (X₀ = 0) on
+    ``ys [P, T]``, from its exact evidence (:func:`log_evidence`), by Nelder–Mead on those of
+    (log θ, log σ, logit H) that ``sde`` learns (θ = σ = 1 when its drift and diffusion are
+    fixed callables, H = ½ for ``hurst="bm"``): the values VI converges to when the guide's gap
     depends on none of them. Returns ``(theta, sigma, hurst, log_evidence)`` with
     ``log_evidence(ys_new)`` the exact mean log evidence per sequence there."""
     from scipy.optimize import minimize
 
-    bm = sde.hurst == "bm"
+    free = [name for name, learned in (("theta", sde.drift == "ou"),
+                                       ("sigma", sde.diffusion == "constant"),
+                                       ("hurst", sde.hurst is None)) if learned]  # fmt: skip
+
+    fixed_h = 0.5 if sde.hurst in (None, "bm") else float(sde.hurst)
 
     def unpack(p):
-        h = 0.5 if bm else 1.0 / (1.0 + math.exp(-p[2]))
-        return math.exp(p[0]), math.exp(p[1]), h
+        v = dict(zip(free, p, strict=True))
+        h = 1.0 / (1.0 + math.exp(-v["hurst"])) if "hurst" in v else fixed_h
+        return math.exp(v.get("theta", 0.0)), math.exp(v.get("sigma", 0.0)), h
 
     def evidence(p, paths):
         theta, sigma, h = unpack(p)
         return log_evidence(linear_observations(sde, h, ts, theta=theta, sigma=sigma),
                             sde.obs_sd, paths)  # fmt: skip
 
-    p0 = np.zeros(2 if bm else 3)  # θ = σ = 1, H = ½; a simplex of side 0.5 around it
+    p0 = np.zeros(len(free))  # θ = σ = 1, H = ½; a simplex of side 0.5 around it
+    if not free:
+        return (*unpack(p0), lambda paths: evidence(p0, paths))
     simplex = np.vstack([p0, p0 + 0.5 * np.eye(p0.size)])
     res = minimize(lambda p: -evidence(p, ys), p0, method="Nelder-Mead",
                    options={"xatol": 1e-3, "fatol": 1e-5, "maxiter": 600,
@@ -306,11 +327,12 @@ def euler_mle(sde, ts, ys):
     return (*unpack(res.x), lambda paths: evidence(res.x, paths))
 
 
-def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
+def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False):
+    learned = "θ and σ fixed at the data's 1" if known else "θ and σ learned"
     header(
         "B2: Hurst recovery by VI (64 fOU paths, θ = σ = 1, 48 obs on (0, 2.4], sd 0.05)",
         [
-            f"LatentSDE(drift='ou', σ learned, H learned; γ_max = 10, dt = 1/30), {steps} Adam "
+            f"LatentSDE(OU drift, {learned}, H learned; γ_max = 10, dt = 1/30), {steps} Adam "
             f"steps at {lr:g} (the last {decay} on a cosine decay to {lr / 10:g}); held-out "
             f"ELBO and IWELBO({particles}) per sequence on 32 new paths (32 and 8 draws, "
             "± s.e.).",
@@ -318,8 +340,9 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
             "uses 'drift + scale'. exact: log evidence per held-out path of the Euler model at "
             "the true θ, σ, H with X₀ = 0; floor: the smallest gap per path each guide family "
             "can reach there (exact; benchmarks/fbm.py family_gaps). Ĥ (Kalman MLE): the "
-            "continuous MA model, θ and σ at the truth; Ĥ (Euler MLE): the joint MLE of θ, σ "
-            "and H of the dt = 1/30 Euler model VI fits (its exact evidence), VI's target.",
+            "continuous MA model, θ and σ at the truth; Ĥ (Euler MLE): the MLE of H (jointly "
+            "with θ and σ when they are learned) of the dt = 1/30 Euler model VI fits (its "
+            "exact evidence), VI's target.",
             "MA-fBM − BM rows: the two models' held-out bounds, and 'exact': the difference "
             "of their exact held-out log evidence, each at its own Euler MLE of θ, σ (and H) "
             "on the training paths: the difference a perfect guide would show.",
@@ -336,11 +359,12 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
         )
         h_mle = hurst_mle(d["ts"], d["ys"][..., 0], 0.05, fbm_type="I", gamma_max=10.0,
                           drift_rate=1.0)  # fmt: skip
-        mle = {m: euler_mle(fou_model(m), d["ts"], d["ys"][..., 0]) for m in (None, "bm")}
+        mle = {m: euler_mle(fou_model(m, known=known), d["ts"], d["ys"][..., 0])
+               for m in (None, "bm")}  # fmt: skip
         fits = {}
         for label, hurst, noise_scale in (("drift", None, False), ("drift + scale", None, True),
                                           ("BM, drift + scale", "bm", True)):  # fmt: skip
-            sde = fou_model(hurst, noise_scale=noise_scale)
+            sde = fou_model(hurst, noise_scale=noise_scale, known=known)
             res, _, t_step = train(sde, ts, ys, steps, decayed(lr, steps, decay))
             (elbo, se), (iw, se_iw) = held_out_bounds(sde, res.state.params, ts, ys_h, particles)
             fits[label] = (elbo, se, iw, se_iw)
@@ -374,14 +398,15 @@ def b2(hursts, steps, lr=1e-2, decay=1000, particles=32):
     )  # fmt: skip
 
 
-def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=1000, particles=32):
+def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=4000, particles=32, known=False):
     """B2's MA-fBM − BM comparison (noise-scale guides) repeated over seeds of the networks
     and training keys: the spread between training runs, which the ± of one run's held-out
     bound leaves out."""
     header(
         f"B2 over training seeds: MA-fBM − BM on the held-out paths ({len(seeds)} seeds)",
         [
-            f"as B2 (drift + scale guides, {steps} steps); seed s initialises the networks "
+            f"as B2 (drift + scale guides, {steps} steps, θ and σ "
+            f"{'fixed at 1' if known else 'learned'}); seed s initialises the networks "
             "(LatentSDE(seed=s)) and draws the training keys; the data and the evaluation keys "
             "are B2's (seed 0 is B2's run). Last rows: mean ± standard error over the seeds.",
         ],
@@ -394,7 +419,7 @@ def b2_seeds(hursts, steps, seeds, lr=1e-2, decay=1000, particles=32):
         for s in seeds:
             bounds, h_vi = {}, {}
             for hurst in (None, "bm"):
-                sde = fou_model(hurst, noise_scale=True, seed=s)
+                sde = fou_model(hurst, noise_scale=True, seed=s, known=known)
                 res, _, _ = train(sde, ts, ys, steps, decayed(lr, steps, decay), seed=s)
                 elbo, iw = held_out_bounds(sde, res.state.params, ts, ys_h, particles)
                 bounds[hurst], h_vi[hurst] = (elbo[0], iw[0]), sde.hurst_value(res.params)
@@ -592,6 +617,17 @@ def main(argv=None):
                         choices=("b1", "b2", "b2-seeds", "speed", "b3"))  # fmt: skip
     parser.add_argument("--seeds", type=int, default=4, help="training seeds (b2-seeds)")
     parser.add_argument("--steps", type=int, default=None, help="override training lengths")
+    parser.add_argument(
+        "--decay",
+        type=int,
+        default=None,
+        help="B2: the last N steps on a cosine decay (default 4000)",
+    )
+    parser.add_argument(
+        "--known-params",
+        action="store_true",
+        help="B2: θ and σ fixed at the data's 1 (only H and the guide learned)",
+    )
     parser.add_argument("--repeats", type=int, default=60, help="timed steps (speed)")
     args = parser.parse_args(argv)
     only = set(args.only or ("b1", "b2", "speed", "b3"))
@@ -599,13 +635,15 @@ def main(argv=None):
     print("# fBM latent-SDE benchmarks\n")
     print(machine_line())
     start = time.perf_counter()
+    b2_steps = args.steps or (150 if q else 8000)
+    b2_decay = min(b2_steps, args.decay if args.decay is not None else (100 if q else 4000))
     if "b1" in only:
         b1((0.7, 0.5, 0.3), args.steps or (200 if q else 2000))
     if "b2" in only:
-        b2((0.3, 0.5, 0.7), args.steps or (150 if q else 4000), decay=100 if q else 1000)
+        b2((0.3, 0.5, 0.7), b2_steps, decay=b2_decay, known=args.known_params)
     if "b2-seeds" in only:
-        b2_seeds((0.3, 0.7), args.steps or (150 if q else 4000), range(args.seeds),
-                 decay=100 if q else 1000)  # fmt: skip
+        b2_seeds((0.3, 0.7), b2_steps, range(args.seeds), decay=b2_decay,
+                 known=args.known_params)  # fmt: skip
     if "speed" in only:
         speed(args.steps or (60 if q else 1500), 10 if q else args.repeats)
     if "b3" in only:
