@@ -16,7 +16,7 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
 * **B2: Hurst recovery by VI.** 64 fOU paths (θ = 1, σ = 1, 48 observations on (0, 2.4] with
   sd 0.05, type I, :func:`ppl.models.fbm_sde.simulate_fou`) for H ∈ {0.3, 0.5, 0.7}; a
   :class:`~ppl.models.fbm_sde.LatentSDE` with an OU drift (θ learned), a learned σ and a
-  learned H (γ_max = 10, dt = 1/30), 4000 Adam steps at 1e-2 (the last 1000 on a cosine
+  learned H (γ_max = 10, dt = 1/30), 8000 Adam steps at 1e-2 (the last 4000 on a cosine
   decay to 1e-3) on the DSL ELBO (with ``kl_gradient="expected"``, as everywhere below
   unless a row says otherwise), drift-only and noise-scale guides, against the exact-BM
   model (``hurst="bm"``) on the held-out ELBO and IWELBO(32) of 32 new paths, next to the
@@ -25,7 +25,8 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   Kalman MLE of H of the continuous model (θ, σ fixed at the truth), the joint MLE of θ, σ,
   H of the dt = 1/30 Euler model that VI fits (its exact evidence; :func:`euler_mle`), and
   the exact held-out difference of the MA-fBM and BM models, each at its own MLE: the
-  difference that a guide with no gap would show.
+  difference that a guide with no gap would show. ``--known-params`` fixes θ = σ = 1 (the
+  data's) in every model, so that only H and the guide are learned.
 * **Speed** (the B2 problem at H = 0.7, batch 64): time per training step (value, gradient and
   Adam update, one jitted call; median of 60 steps timed in 10 interleaved rounds, so that
   load on a shared machine falls on all three alike; compile time apart) of ours (the DSL
@@ -41,12 +42,13 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   (learned H) vs BM on the test ELBO (32 clips) and the reconstruction MSE of the posterior
   paths' frames against the clean frames. Goal: learned H within ±0.1.
 
-Run: ``python benchmarks/fbm.py`` (all four; on 2 idle CPU cores B2 takes about 15 minutes
-and the speed table 2, but B3 took about 5 s per step on 2 loaded cores, so an hour or more
-for its 4 × 300 steps: run it on a GPU or with ``--steps``), ``--quick`` (a smoke run),
-``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds`` repeats B2's model comparison
-over ``--seeds`` seeds of the networks and training keys, not part of the default run),
-``--steps N`` (override every training length).
+Run: ``python benchmarks/fbm.py`` (all four; on 2 idle CPU cores B2 takes about 8
+minutes, ``b2-seeds`` 16 and the speed table 1, but B3 took about 5 s per step on 2 loaded
+cores, so an hour or more for its 4 × 300 steps: run it on a GPU or with ``--steps``),
+``--quick`` (a smoke run), ``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds``
+repeats B2's model comparison over ``--seeds`` seeds of the networks and training keys, not
+part of the default run), ``--steps N`` (override every training length), ``--decay N``
+(B2: the length of the cosine tail), ``--known-params`` (B2: θ = σ = 1 fixed).
 Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
 
