@@ -299,8 +299,7 @@ def euler_mle(sde, ts, ys):
     ``ys [P, T]``, from its exact evidence (:func:`log_evidence`), by Nelder–Mead on those of
     (log θ, log σ, logit H) that ``sde`` learns (θ = σ = 1 when its drift and diffusion are
     fixed callables, H = ½ for ``hurst="bm"``): the values VI converges to when the guide's gap
-    depends on none of them. Returns ``(theta, sigma, hurst, log_evidence)`` with
-    ``log_evidence(ys_new)`` the exact mean log evidence per sequence there."""
+    depends on none of them. Returns ``(theta, sigma, hurst)``."""
     from scipy.optimize import minimize
 
     free = [name for name, learned in (("theta", sde.drift == "ou"),
@@ -314,31 +313,31 @@ def euler_mle(sde, ts, ys):
         h = 1.0 / (1.0 + math.exp(-v["hurst"])) if "hurst" in v else fixed_h
         return math.exp(v.get("theta", 0.0)), math.exp(v.get("sigma", 0.0)), h
 
-    def evidence(p, paths):
+    def neg_evidence(p):
         theta, sigma, h = unpack(p)
-        return log_evidence(linear_observations(sde, h, ts, theta=theta, sigma=sigma),
-                            sde.obs_sd, paths)  # fmt: skip
+        a = linear_observations(sde, h, ts, theta=theta, sigma=sigma)
+        return -log_evidence(a, sde.obs_sd, ys)
 
     p0 = np.zeros(len(free))  # θ = σ = 1, H = ½; a simplex of side 0.5 around it
     if not free:
-        return (*unpack(p0), lambda paths: evidence(p0, paths))
+        return unpack(p0)
     simplex = np.vstack([p0, p0 + 0.5 * np.eye(p0.size)])
-    res = minimize(lambda p: -evidence(p, ys), p0, method="Nelder-Mead",
+    res = minimize(neg_evidence, p0, method="Nelder-Mead",
                    options={"xatol": 1e-3, "fatol": 1e-5, "maxiter": 600,
                             "initial_simplex": simplex})  # fmt: skip
-    return (*unpack(res.x), lambda paths: evidence(res.x, paths))
+    return unpack(res.x)
 
 
-def best_elbo(sde, fit, ts, ys):
-    """The best ELBO per path on ``ys [P, T]`` that the noise-scale guide family can reach for
-    the OU model ``sde`` at its Euler MLE ``fit`` (from :func:`euler_mle`): the exact evidence
-    there minus the family's floor (:func:`family_gaps`; for MA-fBM the floor comes from
-    Y₀, whose prior law the guide keeps)."""
-    theta, sigma, hurst, _ = fit
+def bounds_at(sde, fit, ts, ys):
+    """The OU model ``sde`` at ``fit = (theta, sigma, hurst)`` (e.g. its :func:`euler_mle`) on
+    ``ys [P, T]``: ``(exact log evidence, best ELBO)`` per path, the best ELBO being the
+    evidence minus the floor of the noise-scale guide family (:func:`family_gaps`; for
+    MA-fBM the floor comes from Y₀, whose prior law the guide keeps)."""
+    theta, sigma, hurst = fit
     a = linear_observations(sde, hurst, ts, theta=theta, sigma=sigma)
     num_fixed = a.shape[1] - int(math.ceil(sde.horizon / sde.dt - 1e-9))
     evidence, _, floor = family_gaps(a, sde.obs_sd, ys, num_fixed)
-    return evidence - floor
+    return evidence, evidence - floor
 
 
 def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False):
@@ -361,7 +360,7 @@ def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False):
             "of their exact held-out log evidence, each at its own Euler MLE of θ, σ (and H) "
             "on the training paths: the difference a perfect guide would show; in brackets, "
             "the difference of the best ELBOs the noise-scale guide family can reach there "
-            "(benchmarks/fbm.py best_elbo).",
+            "(benchmarks/fbm.py bounds_at).",
         ],
     )
     rows = []
@@ -375,8 +374,10 @@ def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False):
         )
         h_mle = hurst_mle(d["ts"], d["ys"][..., 0], 0.05, fbm_type="I", gamma_max=10.0,
                           drift_rate=1.0)  # fmt: skip
-        mle = {m: euler_mle(fou_model(m, known=known), d["ts"], d["ys"][..., 0])
-               for m in (None, "bm")}  # fmt: skip
+        refs = {m: fou_model(m, known=known) for m in (None, "bm")}
+        mle = {m: euler_mle(sde, d["ts"], d["ys"][..., 0]) for m, sde in refs.items()}
+        at_mle = {m: bounds_at(sde, mle[m], d["ts"], held["ys"][..., 0])
+                  for m, sde in refs.items()}  # fmt: skip
         fits = {}
         for label, hurst, noise_scale in (("drift", None, False), ("drift + scale", None, True),
                                           ("BM, drift + scale", "bm", True)):  # fmt: skip
@@ -403,11 +404,9 @@ def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False):
             better = diff > 2 * se_diff
             verdict = "" if h == 0.5 else (" (better)" if better else " (NOT better by 2 s.e.)")
             cells.append(f"{diff:+.2f} ± {se_diff:.2f}{verdict}")
-        exact = mle[None][3](held["ys"][..., 0]) - mle["bm"][3](held["ys"][..., 0])
-        best = [best_elbo(fou_model(m, known=known), mle[m], d["ts"], held["ys"][..., 0])
-                for m in (None, "bm")]  # fmt: skip
+        exact, best = (at_mle[None][k] - at_mle["bm"][k] for k in (0, 1))
         rows.append([f"{h:g}", "MA-fBM − BM (drift + scale)", "", "", "", "", *cells,
-                     f"{exact:+.2f} (floors {best[0] - best[1]:+.2f})", "", "", ""])  # fmt: skip
+                     f"{exact:+.2f} (floors {best:+.2f})", "", "", ""])  # fmt: skip
     table(
         ["H", "guide", "Ĥ (VI)", "|Ĥ − H| ≤ 0.05", "Ĥ (Kalman MLE)", "Ĥ (Euler MLE)",
          "held-out ELBO / path", f"IWELBO({particles}) / path",
