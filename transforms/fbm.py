@@ -62,6 +62,7 @@ __all__ = [
     "GridControl",
     "MarkovSDE",
     "approximation_error",
+    "check_ou_step",
     "check_step",
     "fbm_covariance",
     "fbm_sde",
@@ -132,6 +133,15 @@ def _float(x):
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
+def _phi(a) -> np.ndarray:
+    """(1 − e^{−a})/a elementwise, 1 at a = 0 (float64)."""
+    a = np.asarray(a, dtype=np.float64)
+    out = np.ones_like(a)
+    pos = a > 0
+    out[pos] = -np.expm1(-a[pos]) / a[pos]
+    return out
+
+
 # --------------------------------------------------------------------------- the grid
 
 
@@ -180,6 +190,28 @@ def check_step(dt: float, gammas, what: str = "dt") -> float:
             f"{what} = {dt:g} is too large for the fastest OU speed γ_max = {g_max:g}: "
             f"need γ_max·{what} < 0.5 (got {g_max * dt:.3g}); use {what} < {0.5 / g_max:.3g}"
         )
+    return dt
+
+
+def check_ou_step(ou_step: str) -> str:
+    """``ou_step`` is ``"euler"`` or ``"exact"`` (see :class:`MarkovSDE`).
+
+    >>> check_ou_step("exact")
+    'exact'
+    """
+    if ou_step not in ("euler", "exact"):
+        raise ValueError(f"ou_step must be 'euler' or 'exact', got {ou_step!r}")
+    return ou_step
+
+
+def _check_step_for(dt: float, sde) -> float:
+    """The step of ``sde``: the Euler guard for ``ou_step="euler"``; any positive finite step
+    for ``"exact"`` (its OU transition is exact)."""
+    if sde.ou_step == "euler":
+        return check_step(dt, sde.gammas)
+    dt = float(dt)
+    if not math.isfinite(dt) or dt <= 0.0:
+        raise ValueError(f"dt must be a positive step, got {dt}")
     return dt
 
 
@@ -562,6 +594,9 @@ class MarkovSDE(NamedTuple):
     :ivar gammas: OU speeds γ ``[K]``.
     :ivar omega: weights ω ``[K]`` (may depend on a traced H).
     :ivar fbm_type: ``"I"`` (stationary Y(0)) or ``"II"`` (Y(0) = 0).
+    :ivar ou_step: how Y advances over a step: ``"euler"`` (Y ← Y − γY dt + ΔW, the
+        reference's scheme, which needs γ_max·dt < 0.5) or ``"exact"`` (the exact Gaussian
+        OU transition, see :meth:`ou_transition`).
     """
 
     drift: Callable
@@ -569,6 +604,7 @@ class MarkovSDE(NamedTuple):
     gammas: Any
     omega: Any
     fbm_type: str
+    ou_step: str = "euler"
 
     @property
     def num_ou(self) -> int:
@@ -590,31 +626,69 @@ class MarkovSDE(NamedTuple):
         eps = jax.random.normal(key, (*batch_shape, dim, k), dtype=jnp.result_type(float))
         return eps @ self.y0_scale_tril().T
 
-    def step(self, t, x, y, dw, dt):
-        """One Itô Euler step driven by the (possibly controlled) increment ``dw [..., D]``.
+    def ou_transition(self, dt: float):
+        """The exact law of Y(t + dt) given Y(t) and the Brownian increment ΔW (``ou_step =
+        "exact"``): Y_k(t+dt) = e^{−γ_k dt} Y_k(t) + ∫_t^{t+dt} e^{−γ_k(t+dt−s)} dW_s, whose
+        integral is Gaussian with covariance Σ_jk = (1 − e^{−(γ_j+γ_k)dt})/(γ_j+γ_k). Split
+        along ΔW it is β ΔW + R ζ, with β_k = (1 − e^{−γ_k dt})/(γ_k dt) (the regression on
+        ΔW), R Rᵀ = Σ − dt ββᵀ (what ΔW leaves free) and ζ ~ N(0, I_K) independent of ΔW. A
+        control moves ΔW only (u dt), so the path KL stays ½Σ u² dt; Y is exact for every
+        dt, with no step guard. Computed in float64 (Σ is nearly singular).
+
+        :return: ``(e^{−γdt} − 1 [K], β [K], R [K, K])`` in the default float dtype.
+
+        >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.5, exact_bm=True)
+        >>> [np.asarray(a).tolist() for a in sde.ou_transition(0.1)]
+        [[0.0], [1.0], [[0.0]]]
+        """
+        g, dt = np.asarray(self.gammas, dtype=np.float64), float(dt)
+        gsum = (g[:, None] + g[None, :]) * dt
+        sigma = dt * _phi(gsum)
+        beta = _phi(g * dt)
+        lam, vec = np.linalg.eigh(sigma - dt * np.outer(beta, beta))
+        resid = vec * np.sqrt(np.clip(lam, 0.0, None))
+        return _float(np.expm1(-g * dt)), _float(beta), _float(resid)
+
+    def step(self, t, x, y, dw, dt, resid=None):
+        """One step driven by the (possibly controlled) increment ``dw [..., D]``: Itô Euler
+        for X, and for Y the scheme ``ou_step`` (``"exact"`` also takes the residual noise
+        ``resid [..., D, K]`` ~ N(0, I), see :meth:`ou_transition`). Both read
+        X ← X + b dt + σ Σ_k ω_k ΔY_k, ΔB^H = Σ_k ω_k ΔY_k being the MA-fBM increment.
 
         :return: ``(x [..., D], y [..., D, K])`` at t + dt.
         """
-        g = _float(self.gammas)
-        wg = jnp.asarray(self.omega) * g
+        w = jnp.asarray(self.omega)
         sig = self.diffusion(t, x)
-        drift = self.drift(t, x) - sig * jnp.sum(wg * y, axis=-1)
-        x_new = x + drift * dt + sig * jnp.sum(jnp.asarray(self.omega)) * dw
+        if self.ou_step == "exact":
+            if resid is None:
+                raise ValueError("ou_step='exact' needs the residual noise resid [..., D, K]")
+            decay_m1, beta, r = self.ou_transition(dt)
+            dy = decay_m1 * y + beta * dw[..., None] + resid @ r.T
+            return x + self.drift(t, x) * dt + sig * jnp.sum(w * dy, axis=-1), y + dy
+        if resid is not None:
+            raise ValueError("resid is for ou_step='exact'; the Euler step has no residual")
+        g = _float(self.gammas)
+        drift = self.drift(t, x) - sig * jnp.sum(w * g * y, axis=-1)
+        x_new = x + drift * dt + sig * jnp.sum(w) * dw
         y_new = y - g * y * dt + dw[..., None]
         return x_new, y_new
 
-    def euler(self, x0, y0, dW, dt, t0=0.0, control=None):
+    def euler(self, x0, y0, dW, dt, t0=0.0, control=None, resid=None):
         """Itô Euler–Maruyama on the augmented state (``lax.scan``).
 
         Step n (t_n = t0 + n·dt, u_n = control(t_n, x_n, y_n) or 0, ΔW̃ = ΔW_n + u_n dt):
         Y ← Y − γY dt + ΔW̃, X ← X + [b − σ Σ_k ω_kγ_kY_k] dt + σ ω̄ ΔW̃, and
-        KL += ½ Σ_D u_n² dt (Girsanov, discretised).
+        KL += ½ Σ_D u_n² dt (Girsanov, discretised). With ``ou_step="exact"`` Y takes its
+        exact transition instead (:meth:`ou_transition`; X stays Euler), which needs
+        ``resid``.
 
         :param x0: ``[..., D]``; ``y0``: ``[..., D, K]``.
         :param dW: Brownian increments ``[num_steps, ..., D]`` (N(0, dt) under the prior).
         :param dt: the step; ``t0``: the start time.
         :param control: ``u(t, x, y) -> [..., D]`` (a :class:`GridControl` has its time part
             computed once for the whole grid) or None.
+        :param resid: ``ou_step="exact"`` only: the residual noise ``[num_steps, ..., D, K]``
+            ~ N(0, I).
         :return: ``(xs [num_steps+1, ..., D], ys [num_steps+1, ..., D, K], kl [...])``.
 
         >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.5, exact_bm=True)
@@ -630,17 +704,18 @@ class MarkovSDE(NamedTuple):
 
         def step(carry, inputs):
             x, y, t, kl = carry
-            dw, feats = inputs
+            dw, r, feats = inputs
             if control is not None:
                 u = _call_control(control, feats, t, x, y)
                 kl = kl + 0.5 * jnp.sum(u * u, axis=-1) * dt
                 dw = dw + u * dt
-            x, y = self.step(t, x, y, dw, dt)
+            x, y = self.step(t, x, y, dw, dt, r)
             return (x, y, t + dt, kl), (x, y)
 
         init = (x0, y0, jnp.asarray(t0, dtype=jnp.result_type(float)), kl0)
         feats = _control_inputs(control, init[2], dt, dW.shape[0])
-        (_, _, _, kl), (xs, ys) = jax.lax.scan(step, init, (dW, feats))
+        resid = None if resid is None else jnp.asarray(resid)
+        (_, _, _, kl), (xs, ys) = jax.lax.scan(step, init, (dW, resid, feats))
         return (
             jnp.concatenate([x0[None], xs]),
             jnp.concatenate([y0[None], ys]),
@@ -760,6 +835,7 @@ def markov_sde(
     fbm_type: str = "I",
     exact_bm: bool = False,
     unit_variance: bool = False,
+    ou_step: str = "euler",
 ) -> MarkovSDE:
     """dX = b dt + σ dB^H, B^H ≈ MA-fBM, as a Markov SDE on (X, Y) (spec §1.4).
 
@@ -771,21 +847,24 @@ def markov_sde(
     :param fbm_type: ``"I"`` or ``"II"``.
     :param exact_bm: at H = ½ use γ = [0], ω = [1] (exactly Brownian motion) instead.
     :param unit_variance: target unit-variance fBM (see :func:`optimal_omega`).
+    :param ou_step: ``"euler"`` (default) or ``"exact"``: how the OU states advance over a
+        step (see :class:`MarkovSDE`).
 
     >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.7, horizon=2.0)
     >>> sde.num_ou, sde.fbm_type
     (5, 'I')
     """
     fbm_type = _check_type(fbm_type)
+    ou_step = check_ou_step(ou_step)
     _check_hurst(hurst)
     if exact_bm:
         if not _is_concrete(hurst) or float(hurst) != 0.5:
             raise ValueError(f"exact_bm=True needs hurst == 0.5 (Brownian motion), got {hurst}")
-        return MarkovSDE(drift, diffusion, np.zeros(1), _float(np.ones(1)), "II")
+        return MarkovSDE(drift, diffusion, np.zeros(1), _float(np.ones(1)), "II", ou_step)
     gamma_grid(num_ou, gamma_max)  # validates
     gammas = _grid(int(num_ou), float(gamma_max))
     omega = optimal_omega(hurst, gammas, horizon, fbm_type, unit_variance=unit_variance)
-    return MarkovSDE(drift, diffusion, gammas, omega, fbm_type)
+    return MarkovSDE(drift, diffusion, gammas, omega, fbm_type, ou_step)
 
 
 # --------------------------------------------------------------------------- the primitive
@@ -899,6 +978,10 @@ class ControlledIncrements(dist.Distribution):
         reference's estimator): lower variance, unbiased for the ELBO (any number of
         averaged particles), **biased** for IWELBO/Rényi, whose weights correlate with ξ.
 
+    :param resid: ``sde.ou_step == "exact"`` only: the residual noise of the OU states
+        ``[*batch, N, D, K]`` (a given draw, the same under both laws; see
+        :meth:`MarkovSDE.ou_transition`).
+
     Batch shape ``batch``, event shape ``[N, D]`` (values ``[*batch, N, D]``).
     """
 
@@ -906,14 +989,19 @@ class ControlledIncrements(dist.Distribution):
     support = dist.constraints.real
     has_rsample = True
     pytree_data_fields = ()
-    pytree_aux_fields = ("sde", "x0", "y0", "num_steps", "dt", "control", "kl_gradient")
+    pytree_aux_fields = (
+        "sde", "x0", "y0", "num_steps", "dt", "control", "kl_gradient", "resid",
+    )  # fmt: skip
 
-    def __init__(self, sde, x0, y0, num_steps, dt, control=None, kl_gradient="exact"):
+    def __init__(self, sde, x0, y0, num_steps, dt, control=None, kl_gradient="exact", resid=None):
         if kl_gradient not in ("exact", "expected"):
             raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {kl_gradient!r}")
+        if (resid is None) != (sde.ou_step != "exact"):
+            raise ValueError("resid is needed with ou_step='exact', and only then")
         self.sde, self.x0, self.y0 = sde, jnp.asarray(x0), jnp.asarray(y0)
         self.num_steps, self.dt, self.control = int(num_steps), float(dt), control
         self.kl_gradient = kl_gradient
+        self.resid = None if resid is None else jnp.asarray(resid)
         batch, d = jnp.shape(self.x0)[:-1], jnp.shape(self.x0)[-1]
         super().__init__(batch_shape=batch, event_shape=(self.num_steps, d))
 
@@ -926,13 +1014,13 @@ class ControlledIncrements(dist.Distribution):
 
         def step(carry, inputs):
             x, y, t = carry
-            d, feats = inputs
+            d, r, feats = inputs
             u, s = _drift_and_scale(_call_control(control, feats, t, x, y), x)
             if add_drift:  # d is ξ_n ~ N(0, dt)
                 dw = (d if s is None else s * d) + u * dt
             else:
                 dw = d
-            x, y = sde.step(t, x, y, dw, dt)
+            x, y = sde.step(t, x, y, dw, dt, r)
             return (x, y, t + dt), (dw, x, u, s)
 
         lead = jnp.shape(inc)[:-2]  # [*sample, *batch]
@@ -941,7 +1029,11 @@ class ControlledIncrements(dist.Distribution):
         t0 = jnp.zeros((), dtype=jnp.result_type(float))
         feats = _control_inputs(control, t0, dt, self.num_steps)
         inc = jnp.moveaxis(inc, -2, 0)
-        _, (dws, xs, us, ss) = jax.lax.scan(step, (x0, y0, t0), (inc, feats))
+        resid = self.resid
+        if resid is not None:  # [*batch, N, D, K] -> [N, *lead, D, K]
+            resid = jnp.broadcast_to(resid, (*lead, *resid.shape[-3:]))
+            resid = jnp.moveaxis(resid, -3, 0)
+        _, (dws, xs, us, ss) = jax.lax.scan(step, (x0, y0, t0), (inc, resid, feats))
         if add_drift:
             noise = inc if ss is None else ss * inc
         else:
@@ -1053,11 +1145,12 @@ class _site_infer(Messenger):
             self.infer.update(msg.get("infer") or {})
 
 
-def _shared_path(infer, inc, sde, x0, y0, dt):
+def _shared_path(infer, inc, sde, x0, y0, dt, resid=None):
     """The guide's path ``[N+1, *lead, D]`` for increments ``inc`` if the guide shared it
     (``share_path``), ``inc`` is the guide's own draw, and the guide walked it from the same
-    start (``x0``; ``y0`` for type I: the same arrays, e.g. the replayed sites) on the same
-    grid and OU speeds; else None (the model replays). The drift, diffusion, H and their
+    start (``x0``; ``y0`` for type I; ``resid`` for ``ou_step="exact"``: the same arrays,
+    e.g. the replayed sites) on the same grid, OU speeds and scheme; else None (the model
+    replays). The drift, diffusion, H and their
     parameters cannot be compared: ``share_path=True`` promises that they are the model's.
     """
     law = infer.get(_SHARED_PATH)
@@ -1069,8 +1162,10 @@ def _shared_path(infer, inc, sde, x0, y0, dt):
         law.dt == dt
         and law.x0 is x0
         and guide.fbm_type == sde.fbm_type
+        and guide.ou_step == sde.ou_step
         and np.array_equal(np.asarray(guide.gammas), np.asarray(sde.gammas))
         and (sde.fbm_type == "II" or law.y0 is y0)
+        and law.resid is resid
     )
     shape = (inc.shape[-2] + 1, *inc.shape[:-2], inc.shape[-1])
     return cache[2] if same and cache[2].shape == shape else None
@@ -1084,17 +1179,24 @@ class markov_fbm(Messenger):
 
     * ``f"{name}.y0"`` ``[*batch, D, K]`` — type I only: the stationary OU start N(0, C),
       C_ij = 1/(γ_i+γ_j) (the same law under prior and posterior: it cancels in the ELBO);
+    * ``f"{name}.resid"`` ``[*batch, N, D, K]`` — ``ou_step="exact"`` only: the OU states'
+      residual noise given ΔW, iid N(0, 1) (the same law under prior and posterior: it
+      cancels in the ELBO);
     * ``f"{name}.dW"`` ``[*batch, N, D]`` — the Brownian increments: iid N(0, dt) without a
       control, :class:`ControlledIncrements` with one;
 
     and the deterministic site ``name`` (X at the observation ``times``, ``[*batch, T, D]``).
 
-    :param num_ou: K; ``gamma_max``: the largest speed (guard γ_max·dt < 0.5 is enforced).
+    :param num_ou: K; ``gamma_max``: the largest speed (with ``ou_step="euler"`` the guard
+        γ_max·dt < 0.5 is enforced).
     :param horizon: T of the ω optimisation; default: the last observation time.
     :param exact_bm: at H = ½, exactly Brownian motion (γ = [0], ω = [1]).
     :param unit_variance: target unit-variance fBM instead of the Γ-normalised one.
     :param kl_gradient: ``"exact"`` or ``"expected"`` (the ELBO-only, lower-variance path
         gradient): see :class:`ControlledIncrements`.
+    :param ou_step: ``"euler"`` (default; the reference's scheme) or ``"exact"`` (the OU
+        states take their exact Gaussian transition over each step, X stays Euler; no step
+        guard): see :meth:`MarkovSDE.ou_transition`.
 
     Example (an fOU prior; the guide would pass ``control=``):
 
@@ -1118,8 +1220,10 @@ class markov_fbm(Messenger):
         exact_bm: bool = False,
         unit_variance: bool = False,
         kl_gradient: str = "exact",
+        ou_step: str = "euler",
     ):
         gamma_grid(num_ou, gamma_max)  # validates both
+        check_ou_step(ou_step)
         if kl_gradient not in ("exact", "expected"):
             raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {kl_gradient!r}")
         if horizon is not None:
@@ -1131,6 +1235,7 @@ class markov_fbm(Messenger):
             exact_bm=bool(exact_bm),
             unit_variance=bool(unit_variance),
             kl_gradient=kl_gradient,
+            ou_step=ou_step,
         )
         super().__init__(fn)
 
@@ -1177,8 +1282,9 @@ class markov_fbm(Messenger):
             fbm_type=fbm_type,
             exact_bm=cfg["exact_bm"],
             unit_variance=cfg["unit_variance"],
+            ou_step=cfg["ou_step"],
         )
-        dt = check_step(dt, sde.gammas)
+        dt = _check_step_for(dt, sde)
         num_steps = int(math.ceil(t_end / dt - 1e-9))
         batch, d = x0.shape[:-1], x0.shape[-1]
         if sde.fbm_type == "I":
@@ -1186,15 +1292,22 @@ class markov_fbm(Messenger):
             y0 = numpyro.sample(f"{name}.y0", y0_law.expand((*batch, d)).to_event(1))
         else:
             y0 = jnp.zeros((*batch, d, sde.num_ou), dtype=jnp.result_type(float))
+        resid = None
+        if sde.ou_step == "exact":
+            r_law = dist.Normal(0.0, 1.0).expand((*batch, num_steps, d, sde.num_ou))
+            resid = numpyro.sample(f"{name}.resid", r_law.to_event(3))
         if control is None:
             law = dist.Normal(0.0, math.sqrt(dt)).expand((*batch, num_steps, d)).to_event(2)
             with _site_infer(f"{name}.dW") as infer:
                 inc = numpyro.sample(f"{name}.dW", law)
-            xs = _shared_path(infer, inc, sde, x0, y0, dt)
+            xs = _shared_path(infer, inc, sde, x0, y0, dt, resid)
             if xs is None:
-                xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt)
+                r = None if resid is None else jnp.moveaxis(resid, -3, 0)
+                xs, _, _ = sde.euler(x0, y0, jnp.moveaxis(inc, -2, 0), dt, resid=r)
         else:
-            law = ControlledIncrements(sde, x0, y0, num_steps, dt, control, cfg["kl_gradient"])
+            law = ControlledIncrements(
+                sde, x0, y0, num_steps, dt, control, cfg["kl_gradient"], resid
+            )
             infer = {_SHARED_PATH: law} if share_path else None
             inc = numpyro.sample(f"{name}.dW", law, infer=infer)
             xs = law.path(inc)
