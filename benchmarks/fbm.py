@@ -307,7 +307,7 @@ def decayed(lr, steps, decay):
 
 
 def euler_mle(sde, ts, ys):
-    """The maximum-likelihood θ, σ and H of the dt = 1/30 Euler OU model ``sde`` (X₀ = 0) on
+    """The maximum-likelihood θ, σ and H of the discretised OU model ``sde`` (X₀ = 0) on
     ``ys [P, T]``, from its exact evidence (:func:`log_evidence`), by Nelder–Mead on those of
     (log θ, log σ, logit H) that ``sde`` learns (θ = σ = 1 when its drift and diffusion are
     fixed callables, H = ½ for ``hurst="bm"``): the values VI converges to when the guide's gap
@@ -369,7 +369,7 @@ def b2(hursts, steps, lr=1e-2, decay=4000, particles=32, known=False, ou_step="e
             "the true θ, σ, H with X₀ = 0; floor: the smallest gap per path each guide family "
             "can reach there (exact; benchmarks/fbm.py family_gaps). Ĥ (Kalman MLE): the "
             "continuous MA model, θ and σ at the truth; Ĥ (Euler MLE): the MLE of H (jointly "
-            "with θ and σ when they are learned) of the dt = 1/30 Euler model VI fits (its "
+            "with θ and σ when they are learned) of the discretised model VI fits (its "
             "exact evidence), VI's target.",
             "MA-fBM − BM rows: the two models' held-out bounds, and 'exact': the difference "
             "of their exact held-out log evidence, each at its own Euler MLE of θ, σ (and H) "

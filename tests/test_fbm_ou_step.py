@@ -168,3 +168,20 @@ def test_exact_step_bad_input():
         )
     with pytest.raises(ValueError, match="resid"):
         ControlledIncrements(exact, jnp.zeros(1), jnp.zeros((1, 5)), 10, 0.1)
+
+
+def test_cli_ou_step_and_default_grid():
+    """``--ou-step exact`` reaches the LatentSDE and lifts the Euler guard (dt = 0.05 with
+    γ_max = 10); the default dt puts the embedded data's observation times on the grid."""
+    from ppl import cli
+    from ppl.models.fbm_sde import _build
+
+    def build(*flags):
+        return _build(cli.build_parser().parse_args(["fit", "fbm-sde", *flags])).data
+
+    data = build("--ou-step", "exact", "--dt", "0.05")
+    assert (data["sde"].ou_step, data["sde"].dt) == ("exact", 0.05)
+    default = build()
+    pos = np.asarray(default["data"]["ts"]) / default["sde"].dt
+    np.testing.assert_allclose(pos, np.round(pos), atol=1e-6)
+    assert default["sde"].ou_step == "euler"
