@@ -638,8 +638,9 @@ class MarkovSDE(NamedTuple):
         :return: ``(e^{−γdt} − 1 [K], β [K], R [K, K])`` in the default float dtype.
 
         >>> sde = markov_sde(lambda t, x: -x, lambda t, x: 1.0, 0.5, exact_bm=True)
-        >>> [np.asarray(a).tolist() for a in sde.ou_transition(0.1)]
-        [[0.0], [1.0], [[0.0]]]
+        >>> decay_m1, beta, resid = sde.ou_transition(0.1)   # γ = 0: the Euler step
+        >>> float(decay_m1[0]) == 0.0, float(beta[0]), float(resid[0, 0])
+        (True, 1.0, 0.0)
         """
         g, dt = np.asarray(self.gammas, dtype=np.float64), float(dt)
         gsum = (g[:, None] + g[None, :]) * dt
