@@ -51,7 +51,8 @@ cores, so an hour or more for its 4 × 300 steps: run it on a GPU or with ``--st
 ``--quick`` (a smoke run), ``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds``
 repeats B2's model comparison over ``--seeds`` seeds of the networks and training keys, not
 part of the default run), ``--steps N`` (override every training length), ``--decay N``
-(B2: the length of the cosine tail), ``--known-params`` (B2: θ = σ = 1 fixed).
+(B2: the length of the cosine tail), ``--known-params`` (B2: θ = σ = 1 fixed),
+``--ou-step euler|exact`` and ``--dt-steps N`` (B2: the OU step and dt = 1/N).
 Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
 

@@ -23,31 +23,36 @@ from ppl.transforms.fbm import (
     markov_sde,
 )
 
-ZERO = staticmethod(lambda t, x: 0.0 * x)
+
+def _zero(t, x):
+    return 0.0 * x
+
+
+def _unit(t, x):
+    return jnp.ones_like(x)
 
 
 def _fbm(hurst, fbm_type, ou_step, gamma_max=10.0, horizon=2.4):
     """dX = dB^H (no drift, σ = 1): X_t − X_0 is the MA-fBM itself."""
     return markov_sde(
-        lambda t, x: 0.0 * x, lambda t, x: 1.0 + 0.0 * x, hurst, num_ou=5,
-        gamma_max=gamma_max, horizon=horizon, fbm_type=fbm_type, ou_step=ou_step,
+        _zero, _unit, hurst, num_ou=5, gamma_max=gamma_max, horizon=horizon,
+        fbm_type=fbm_type, ou_step=ou_step,
     )  # fmt: skip
 
 
 def _grid_covariance(sde, n, dt):
-    """Cov of X on the grid 1..n·dt, exactly: X is linear in (Y₀, ΔW, resid) [float64]."""
+    """Cov of X on the grid 1..n·dt of an ``ou_step="exact"`` SDE, exactly: X is linear in
+    (Y₀, ΔW, resid) [float64]."""
     k = sde.num_ou
     tril = np.asarray(sde.y0_scale_tril(), np.float64)
-    exact = sde.ou_step == "exact"
 
     def xs(z):
         y0 = (jnp.asarray(tril) @ z[:k])[None, None]
         dw = z[k : k + n].reshape(n, 1, 1) * math.sqrt(dt)
-        resid = z[k + n :].reshape(n, 1, 1, k) if exact else None
+        resid = z[k + n :].reshape(n, 1, 1, k)
         return sde.euler(jnp.zeros((1, 1)), y0, dw, dt, resid=resid)[0][1:, 0, 0]
 
-    size = k + n + (n * k if exact else 0)
-    jac = np.asarray(jax.jacfwd(xs)(jnp.zeros(size, jnp.float64)))
+    jac = np.asarray(jax.jacfwd(xs)(jnp.zeros(k + n + n * k, jnp.float64)))
     return jac @ jac.T
 
 
@@ -100,7 +105,7 @@ def test_exact_step_at_half_is_the_euler_brownian_motion():
 
 def _bridge(ou_step, dt=0.1):
     return LatentSDE(
-        dim=1, hurst=0.3, drift=ZERO, diffusion=lambda t, x: jnp.ones_like(x), x0=0.0,
+        dim=1, hurst=0.3, drift=_zero, diffusion=_unit, x0=0.0,
         horizon=2.0, dt=dt, gamma_max=10.0, obs_sd=0.5, width=8, ou_step=ou_step,
     )  # fmt: skip
 

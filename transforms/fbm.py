@@ -175,17 +175,20 @@ def _grid(k: int, gamma_max: float) -> np.ndarray:
     return np.exp(log_r * (np.arange(1, k + 1) - (k + 1) / 2.0))
 
 
-def check_step(dt: float, gammas, what: str = "dt") -> float:
-    """The step guard of the reference code: γ_max·dt < 0.5 (Euler on the fastest OU).
+def check_step(dt: float, gammas, what: str = "dt", ou_step: str = "euler") -> float:
+    """A positive finite step, and the step guard of the reference code: γ_max·dt < 0.5
+    (Euler on the fastest OU). ``ou_step="exact"`` has no guard (its OU transition is exact).
 
     >>> check_step(0.01, gamma_grid(5, 20.0))
     0.01
+    >>> check_step(0.1, gamma_grid(5, 20.0), ou_step="exact")
+    0.1
     """
     dt = float(dt)
     g_max = float(np.max(_check_gammas(gammas, allow_zero=True)))
     if not math.isfinite(dt) or dt <= 0.0:
         raise ValueError(f"{what} must be a positive step, got {dt}")
-    if g_max * dt >= 0.5:
+    if check_ou_step(ou_step) == "euler" and g_max * dt >= 0.5:
         raise ValueError(
             f"{what} = {dt:g} is too large for the fastest OU speed γ_max = {g_max:g}: "
             f"need γ_max·{what} < 0.5 (got {g_max * dt:.3g}); use {what} < {0.5 / g_max:.3g}"
@@ -202,17 +205,6 @@ def check_ou_step(ou_step: str) -> str:
     if ou_step not in ("euler", "exact"):
         raise ValueError(f"ou_step must be 'euler' or 'exact', got {ou_step!r}")
     return ou_step
-
-
-def _check_step_for(dt: float, sde) -> float:
-    """The step of ``sde``: the Euler guard for ``ou_step="euler"``; any positive finite step
-    for ``"exact"`` (its OU transition is exact)."""
-    if sde.ou_step == "euler":
-        return check_step(dt, sde.gammas)
-    dt = float(dt)
-    if not math.isfinite(dt) or dt <= 0.0:
-        raise ValueError(f"dt must be a positive step, got {dt}")
-    return dt
 
 
 # --------------------------------------------------------------------------- optimal ω
@@ -1285,7 +1277,7 @@ class markov_fbm(Messenger):
             unit_variance=cfg["unit_variance"],
             ou_step=cfg["ou_step"],
         )
-        dt = _check_step_for(dt, sde)
+        dt = check_step(dt, sde.gammas, ou_step=sde.ou_step)
         num_steps = int(math.ceil(t_end / dt - 1e-9))
         batch, d = x0.shape[:-1], x0.shape[-1]
         if sde.fbm_type == "I":
