@@ -31,8 +31,9 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   data's) in every model, so that only H and the guide are learned; ``--ou-step exact``
   uses the exact OU transition (:meth:`~ppl.transforms.fbm.MarkovSDE.ou_transition`).
 * **Speed** (the B2 problem at H = 0.7, batch 64): time per training step (value, gradient and
-  Adam update, one jitted call; median of 60 steps timed in 10 interleaved rounds, so that
-  load on a shared machine falls on all three alike; compile time apart) of ours (the DSL
+  Adam update, one jitted call; median of 200 steps timed in 20 interleaved rounds, so that
+  load on a shared machine falls on all alike, and the ratio to ours as the median and
+  quartiles of the rounds' ratios; compile time apart) of ours (the DSL
   ELBO through :class:`~ppl.inference.SVI`: Euler in ``lax.scan`` with the exact Girsanov
   density ratio of the controlled increments, the model reusing the guide's path), of the
   reference loss with Euler and an integrated KL, and of the reference design (diffrax
@@ -508,25 +509,36 @@ def dsl_step(sde, lr, ts, ys):
 
 class Stepper:
     """One training-step implementation: ``call(state) -> state``, its compile time (first
-    call minus a steady one) and the steady wall times collected by :func:`interleaved`."""
+    call minus a steady one), the steady wall times collected by :func:`interleaved` and
+    the median of each of its rounds."""
 
     def __init__(self, call, state):
-        self.call, self.state, self.times = call, state, []
+        self.call, self.state, self.times, self.rounds = call, state, [], []
         self.state, t_first = timed(call, state)
         self.state, t_second = timed(call, self.state)
         self.compile = max(t_first - t_second, 0.0)
 
     def run(self, n):
+        times = []
         for _ in range(n):
             self.state, dt = timed(self.call, self.state)
-            self.times.append(dt)
+            times.append(dt)
+        self.times += times
+        self.rounds.append(float(np.median(times)))
 
     @property
     def median(self):
         return float(np.median(self.times))
 
+    def ratio(self, other):
+        """``other``'s time over ours, round by round: (median, first quartile, third
+        quartile). A round's steps of both ran within a second of each other, so a burst
+        of load moves both medians of a round alike."""
+        r = np.asarray(other.rounds) / np.asarray(self.rounds)
+        return tuple(float(q) for q in np.percentile(r, (50, 25, 75)))
 
-def interleaved(steppers, repeats, rounds=10):
+
+def interleaved(steppers, repeats, rounds=20):
     """Time the steppers in ``rounds`` alternating rounds of ``repeats / rounds`` steps each,
     so that a burst of load on a shared machine falls on all of them alike."""
     per = max(1, repeats // rounds)
@@ -540,7 +552,7 @@ def speed(steps, repeats, lr=3e-3):
         "Speed: time per training step, the B2 problem (H = 0.7, 64 paths × 48 obs, "
         "dt = 1/30, 72 steps; the exact OU step: dt = 1/20, 48 steps)",
         [
-            f"median of {repeats} steps after compilation, timed in 10 interleaved rounds; "
+            f"median of {repeats} steps after compilation, timed in 20 interleaved rounds; "
             f"equal accuracy: each trained {steps} steps, Ĥ and the held-out ELBO (the DSL "
             "ELBO of the trained params on 32 new paths).",
         ],
@@ -590,10 +602,12 @@ def speed(steps, repeats, lr=3e-3):
         rows.append([label, f"{st.median * 1e3:.1f} ms", secs(st.compile),
                      f"{st.median / t_ours:.2f}×", cell_h, cell_e])  # fmt: skip
     table(["step", "time / step", "compile", "time vs ours", "Ĥ", "held-out ELBO"], rows)
-    t_ref = steppers["milstein"].median
-    print(f"\nours vs the reference design (goal ≥ 3× at equal accuracy): Euler at the same "
-          f"dt {t_ref / t_ours:.2f}× faster; exact OU step at dt = 1/20 "
-          f"{t_ref / steppers['exact'].median:.2f}× faster")  # fmt: skip
+    ref = steppers["milstein"]
+    for name, label in (("ours", "Euler at the same dt"), ("exact", "exact OU step, dt = 1/20")):
+        r = steppers[name].ratio(ref)
+        print(f"\nthe reference design's time over ours, {label} (goal ≥ 3× at equal "
+              f"accuracy): {r[0]:.2f}× (median of {len(ref.rounds)} rounds' ratios; quartiles "
+              f"{r[1]:.2f}–{r[2]:.2f})")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ B3
@@ -696,7 +710,7 @@ def main(argv=None):
         help="B2: steps per unit time (dt = 1/N; 40 puts the observations, 0.05 apart, on "
         "the grid; the spec's 30 puts half of them mid-step)",
     )
-    parser.add_argument("--repeats", type=int, default=60, help="timed steps (speed)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed steps (speed)")
     args = parser.parse_args(argv)
     only = set(args.only or ("b1", "b2", "speed", "b3"))
     q = args.quick
@@ -715,7 +729,7 @@ def main(argv=None):
                  known=args.known_params, ou_step=args.ou_step,
                  dt=1.0 / args.dt_steps)  # fmt: skip
     if "speed" in only:
-        speed(args.steps or (60 if q else 1500), 10 if q else args.repeats)
+        speed(args.steps or (60 if q else 1500), 20 if q else args.repeats)
     if "b3" in only:
         b3((0.3, 0.7), args.steps or (20 if q else 300))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -83,6 +83,12 @@ _CF_SWITCH = 10.0
 _CF_TERMS = 40
 #: The same switch for the float64 host solve (e^{z}Q(a, z) is finite there up to z ≈ 700).
 _HOST_CF_SWITCH = 500.0
+#: ω(H) in float32: Chebyshev nodes of the float64 fit, the relative size below which its
+#: coefficients are dropped, and the float32 error (relative to max|ω| on a check grid) up to
+#: which the interpolant is used instead of the host solve.
+_CHEB_NODES = 49
+_CHEB_DROP = 1e-10
+_CHEB_TOL = 1e-6
 
 
 # --------------------------------------------------------------------------- validation
@@ -360,6 +366,38 @@ def _omega_host(h, gammas, t, fbm_type):
 _OMEGA_EPS = 1e-6
 
 
+def _clenshaw(coef, x):
+    """Σ_k c_k T_k(x) by Clenshaw's recurrence, in the dtype of ``coef [n, K]`` and ``x``
+    (NumPy or JAX arrays alike); returns ``[*x.shape, K]``."""
+    x = x[..., None]
+    b1 = b2 = 0.0 * x
+    for c in coef[:0:-1]:
+        b1, b2 = c + 2 * x * b1 - b2, b1
+    return coef[0] + x * b1 - b2
+
+
+@functools.lru_cache(maxsize=64)
+def _omega_chebyshev(gammas: tuple, t: float, fbm_type: str):
+    """ω(H) on H ∈ [0, 1] as a Chebyshev series in x = 2H − 1: coefficients ``[n, K]``
+    (float32) fitted in float64 on the host, or None where the series evaluated in float32
+    misses the float64 ω by more than ``_CHEB_TOL`` (relative to max|ω|) on a check grid.
+
+    b(H) is entire in H (γ^{−a}, P(a, z) and e^{z}Q(a, z) are entire in a = H + ½), so the
+    coefficients fall off faster than geometrically: n ≈ 12 at K = 5. A does not depend
+    on H, hence neither does the fit's cost per step: one recurrence of n fused
+    multiply-adds, no host round trip (which a float64 solve per step would need).
+    """
+    g = np.asarray(gammas, dtype=np.float64)
+    x = np.cos(np.pi * (np.arange(_CHEB_NODES) + 0.5) / _CHEB_NODES)
+    fit = np.polynomial.chebyshev.chebfit(x, _omega_host((x + 1) / 2, g, t, fbm_type), len(x) - 1)
+    size = np.abs(fit).max(axis=1)
+    coef = fit[: np.nonzero(size > _CHEB_DROP * size.max())[0].max() + 1].astype(np.float32)
+    h = np.linspace(0.0, 1.0, 258)[1:-1]
+    want = _omega_host(h, g, t, fbm_type)
+    got = _clenshaw(coef, (2 * h - 1).astype(np.float32))
+    return coef if np.abs(got - want).max() <= _CHEB_TOL * np.abs(want).max() else None
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _omega_f64(gammas, t, fbm_type, hurst):
     """ω solved in float64 on the host and returned in float32 (a ``pure_callback``);
@@ -394,10 +432,14 @@ def optimal_omega(
     """The weights ω* = A⁻¹b minimising E∫_0^T (B^H_t − Σ_k ω_k basis_k(t))² dt.
 
     Always solved in float64: under x64, A (which does not depend on H) is inverted once in
-    NumPy and applied to b(H) in JAX; in float32, the whole solve runs in float64 on the host
-    (a ``pure_callback`` with a custom JVP, dω/dH = A⁻¹ db/dH), since b's float32 rounding
-    times cond(A) (5.7e4 at T = 2.4, 8e6 at T = 1 for type II) would spoil ω. Either way the
-    result is differentiable in ``hurst``, also under ``jit`` and ``vmap``.
+    NumPy and applied to b(H) in JAX. In float32, b's rounding times cond(A) (5.7e4 at
+    T = 2.4, 8e6 at T = 1 for type II) would spoil ω, so ω(H) is solved in float64 on the host
+    once per grid, at Chebyshev nodes in H, and the jitted code evaluates the fitted series
+    (float32 error ≲ 1e-6 of max|ω|, checked when the fit is made; ω and dω/dH in-graph, no
+    host round trip per step). Where the series would be less accurate (type II with K ≳ 8,
+    where |ω| reaches 1e4–1e7 and cancels), each call solves in float64 on the host instead
+    (a ``pure_callback`` with a custom JVP, dω/dH = A⁻¹ db/dH). Either way the result is
+    differentiable in ``hurst``, also under ``jit`` and ``vmap``.
 
     :param hurst: H ∈ (0, 1), scalar, may be traced.
     :param gammas: speeds ``[K]`` (concrete), e.g. :func:`gamma_grid`.
@@ -418,10 +460,15 @@ def optimal_omega(
     if jnp.result_type(float) == jnp.float64:
         _, b, _ = omega_system(hurst, g_np, t, fbm_type)
         omega = _solve(g_np, t, fbm_type, b)
-    else:  # float32: b's rounding times cond(A) (up to ~1e7) would spoil ω; solve on the host
+    else:  # float32: b's rounding times cond(A) (up to ~1e7) would spoil ω
         _check_hurst(hurst)
-        _check_type(fbm_type)
-        omega = _omega_f64(tuple(g_np.tolist()), t, fbm_type, jnp.asarray(hurst, jnp.float32))
+        grid = (tuple(g_np.tolist()), t, _check_type(fbm_type))
+        h = jnp.asarray(hurst, jnp.float32)
+        coef = _omega_chebyshev(*grid)
+        if coef is not None:
+            omega = _clenshaw(jnp.asarray(coef), jnp.clip(2 * h - 1, -1.0, 1.0))
+        else:
+            omega = _omega_f64(*grid, h)
     if unit_variance:
         omega = omega / jnp.sqrt(_variance_factor(hurst, fbm_type))
     return omega
