@@ -308,8 +308,12 @@ def omega_system(hurst, gammas, horizon, fbm_type: str = "II"):
 
 
 def _solve(gammas_np, horizon, fbm_type, b):
-    """ω = A⁻¹ b with A factorised once in float64 (A has condition number ~6e4 at K = 5)."""
-    a_inv = np.linalg.inv(_a_matrix(gammas_np, horizon, fbm_type))
+    """ω = A⁻¹ b with A factorised once per grid in float64 (A has condition number ~6e4 at
+    K = 5), for a JAX ``b [K]``."""
+    from scipy.linalg import lu_solve
+
+    factor = _a_factor(tuple(np.asarray(gammas_np).tolist()), float(horizon), fbm_type)
+    a_inv = lu_solve(factor, np.eye(len(gammas_np)))
     return jnp.asarray(a_inv, dtype=b.dtype) @ b
 
 
