@@ -308,13 +308,10 @@ def omega_system(hurst, gammas, horizon, fbm_type: str = "II"):
 
 
 def _solve(gammas_np, horizon, fbm_type, b):
-    """ω = A⁻¹ b with A factorised once per grid in float64 (A has condition number ~6e4 at
-    K = 5), for a JAX ``b [K]``."""
-    from scipy.linalg import lu_solve
-
-    factor = _a_factor(tuple(np.asarray(gammas_np).tolist()), float(horizon), fbm_type)
-    a_inv = lu_solve(factor, np.eye(len(gammas_np)))
-    return jnp.asarray(a_inv, dtype=b.dtype) @ b
+    """ω = A⁻¹ b for a JAX ``b [K]``, by the LU factors of A computed once per grid in
+    float64 (A has condition number ~6e4 at K = 5; no explicit inverse)."""
+    lu, piv = _a_factor(tuple(np.asarray(gammas_np).tolist()), float(horizon), fbm_type)
+    return jax.scipy.linalg.lu_solve((jnp.asarray(lu, dtype=b.dtype), jnp.asarray(piv)), b)
 
 
 def _b_host(h, gammas: np.ndarray, t: float, fbm_type: str) -> np.ndarray:
@@ -366,8 +363,9 @@ def _omega_host(h, gammas, t, fbm_type):
     return lu_solve(_a_factor(tuple(g.tolist()), float(t), fbm_type), b.T).T
 
 
-#: The central-difference step of dω/dH on the host (~1e-9 relative error in float64).
-_OMEGA_EPS = 1e-6
+#: The step of the five-point difference dω/dH on the host: truncation ~ε⁴ω⁽⁵⁾/30 (≲ 1e-10
+#: relative), rounding ~1e-16·cond(A)/ε (b is entire in H, so steps past [0, 1] are fine).
+_OMEGA_EPS = 1e-3
 
 
 def _clenshaw(coef, x):
@@ -384,28 +382,35 @@ def _clenshaw(coef, x):
 def _omega_chebyshev(gammas: tuple, t: float, fbm_type: str):
     """ω(H) on H ∈ [0, 1] as a Chebyshev series in x = 2H − 1: coefficients ``[n, K]``
     (float32) fitted in float64 on the host, or None where the series evaluated in float32
-    misses the float64 ω by more than ``_CHEB_TOL`` (relative to max|ω|) on a check grid.
+    misses the float64 ω, at some H of a check grid (which includes both ends and points
+    within 1e-7 of them), by more than ``_CHEB_TOL`` of max_k |ω_k(H)| at that H.
 
     b(H) is entire in H (γ^{−a}, P(a, z) and e^{z}Q(a, z) are entire in a = H + ½), so the
-    coefficients fall off faster than geometrically: n ≈ 12 at K = 5. A does not depend
-    on H, hence neither does the fit's cost per step: one recurrence of n fused
-    multiply-adds, no host round trip (which a float64 solve per step would need).
+    coefficients fall off faster than geometrically down to the float64 solve's rounding:
+    n ≈ 12 at K = 5, T = 2.4. A does not depend on H, so the fit is one LU factorisation
+    and a few dozen solves, once per grid; each step then runs one recurrence of n
+    multiply-adds, with no host round trip. The check fails on ill-conditioned grids
+    (short horizons, many OU processes), where |ω| varies by orders of magnitude over H and
+    the float32 rounding of the large coefficients swamps ω where it is small.
     """
     g = np.asarray(gammas, dtype=np.float64)
     x = np.cos(np.pi * (np.arange(_CHEB_NODES) + 0.5) / _CHEB_NODES)
     fit = np.polynomial.chebyshev.chebfit(x, _omega_host((x + 1) / 2, g, t, fbm_type), len(x) - 1)
     size = np.abs(fit).max(axis=1)
     coef = fit[: np.nonzero(size > _CHEB_DROP * size.max())[0].max() + 1].astype(np.float32)
-    h = np.linspace(0.0, 1.0, 258)[1:-1]
+    ends = np.array([1e-7, 1e-5, 1e-3])
+    h = np.concatenate([np.linspace(0.0, 1.0, 257), ends, 1.0 - ends])
+    h = h.astype(np.float32).astype(np.float64)  # the H a float32 caller can pass
     want = _omega_host(h, g, t, fbm_type)
     got = _clenshaw(coef, (2 * h - 1).astype(np.float32))
-    return coef if np.abs(got - want).max() <= _CHEB_TOL * np.abs(want).max() else None
+    ok = np.abs(got - want).max(axis=1) <= _CHEB_TOL * np.abs(want).max(axis=1)
+    return coef if ok.all() else None
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _omega_f64(gammas, t, fbm_type, hurst):
     """ω solved in float64 on the host and returned in float32 (a ``pure_callback``);
-    dω/dH = A⁻¹ db/dH by a float64 central difference, in the same host call as ω."""
+    dω/dH by a float64 five-point difference, in the same host call as ω."""
     out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
 
     def host(h):
@@ -420,9 +425,10 @@ def _omega_f64_jvp(gammas, t, fbm_type, primals, tangents):
     out = jax.ShapeDtypeStruct((len(gammas),), jnp.float32)
 
     def host_value_and_derivative(h):
-        hs = float(h) + np.array([0.0, _OMEGA_EPS, -_OMEGA_EPS])
-        omega, hi, lo = _omega_host(hs, gammas, t, fbm_type)
-        return omega.astype(np.float32), ((hi - lo) / (2 * _OMEGA_EPS)).astype(np.float32)
+        hs = float(h) + _OMEGA_EPS * np.array([0.0, -2.0, -1.0, 1.0, 2.0])
+        omega, m2, m1, p1, p2 = _omega_host(hs, gammas, t, fbm_type)
+        d_omega = (m2 - 8.0 * m1 + 8.0 * p1 - p2) / (12.0 * _OMEGA_EPS)
+        return omega.astype(np.float32), d_omega.astype(np.float32)
 
     omega, d_omega = jax.pure_callback(
         host_value_and_derivative, (out, out), hurst, vmap_method="sequential"
@@ -435,14 +441,15 @@ def optimal_omega(
 ) -> jax.Array:
     """The weights ω* = A⁻¹b minimising E∫_0^T (B^H_t − Σ_k ω_k basis_k(t))² dt.
 
-    Always solved in float64: under x64, A (which does not depend on H) is inverted once in
-    NumPy and applied to b(H) in JAX. In float32, b's rounding times cond(A) (5.7e4 at
-    T = 2.4, 8e6 at T = 1 for type II) would spoil ω, so ω(H) is solved in float64 on the host
-    once per grid, at Chebyshev nodes in H, and the jitted code evaluates the fitted series
-    (float32 error ≲ 1e-6 of max|ω|, checked when the fit is made; ω and dω/dH in-graph, no
-    host round trip per step). Where the series would be less accurate (type II with K ≳ 8,
-    where |ω| reaches 1e4–1e7 and cancels), each call solves in float64 on the host instead
-    (a ``pure_callback`` with a custom JVP, dω/dH = A⁻¹ db/dH). Either way the result is
+    Always solved in float64: under x64, A (which does not depend on H) is LU-factorised
+    once in NumPy and b(H) is solved against the factors in JAX. In float32, b's rounding
+    times cond(A) (5.7e4 at T = 2.4, 8e6 at T = 1 for type II) would spoil ω, so ω(H) is
+    solved in float64 on the host once per grid, at Chebyshev nodes in H, and the jitted
+    code evaluates the fitted series (within 1e-6 of max_k |ω_k(H)| at every H, checked when
+    the fit is made; ω and dω/dH in-graph, no host round trip per step). On grids where the
+    series would be less accurate (ill-conditioned ones: short horizons, many OU
+    processes), each call solves in float64 on the host instead (a ``pure_callback`` with a
+    custom JVP, dω/dH by a float64 five-point difference). Either way the result is
     differentiable in ``hurst``, also under ``jit`` and ``vmap``.
 
     :param hurst: H ∈ (0, 1), scalar, may be traced.
@@ -470,7 +477,9 @@ def optimal_omega(
         h = jnp.asarray(hurst, jnp.float32)
         coef = _omega_chebyshev(*grid)
         if coef is not None:
-            omega = _clenshaw(jnp.asarray(coef), jnp.clip(2 * h - 1, -1.0, 1.0))
+            x = 2 * h - 1  # kept in [−1, 1]; full gradient at the ends (jnp.clip halves it)
+            x = jnp.where(x > 1.0, 1.0, jnp.where(x < -1.0, -1.0, x))
+            omega = _clenshaw(jnp.asarray(coef), x)
         else:
             omega = _omega_f64(*grid, h)
     if unit_variance:
