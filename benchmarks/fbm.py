@@ -15,9 +15,8 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   ω horizon is the window T = 2 (the reference optimises ω on [0, 6]).
 * **B2: Hurst recovery by VI.** 64 fOU paths (θ = 1, σ = 1, 48 observations on (0, 2.4] with
   sd 0.05, type I, :func:`ppl.models.fbm_sde.simulate_fou`) for H ∈ {0.3, 0.5, 0.7}; a
-  :class:`~ppl.models.fbm_sde.LatentSDE` with the data's OU drift and σ (θ = σ = 1; with
-  ``--learn-params`` both learned too) and a learned H (γ_max = 10, dt = 1/40: every
-  observation on the grid; the spec's 1/30 puts
+  :class:`~ppl.models.fbm_sde.LatentSDE` with an OU drift (θ learned), a learned σ and a
+  learned H (γ_max = 10, dt = 1/40: every observation on the grid; the spec's 1/30 puts
   half of them mid-step, where X is interpolated linearly, which biases H; ``--dt-steps``),
   8000 Adam steps at 1e-2 (the last 4000 on a cosine
   decay to 1e-3) on the DSL ELBO (with ``kl_gradient="expected"``, as everywhere below
@@ -28,10 +27,10 @@ Spec: ``../shared/specs/fbm.md`` (§3 bridge setup, §5 B1-B3). Printed markdown
   Kalman MLE of H of the continuous model (θ, σ fixed at the truth), the joint MLE of θ, σ,
   H of the discretised model that VI fits (its exact evidence; :func:`euler_mle`), and
   the exact held-out difference of the MA-fBM and BM models, each at its own MLE: the
-  difference that a guide with no gap would show. The goal is read with θ and σ known (the
-  issue: "VI with learnable H"): with both learned, H is weakly identified on 64 paths of
-  length 2.4 (even the joint MLE of the continuous model is 0.22 at H = 0.3), so no
-  estimator that follows the likelihood meets it there; ``--ou-step exact``
+  difference that a guide with no gap would show. ``--known-params`` fixes θ = σ = 1 (the
+  data's) in every model, so that only H and the guide are learned (θ, σ and H trade off
+  on 64 paths of length 2.4: the joint MLE of H is 0.249 at H = 0.3, against 0.296 with
+  θ, σ known, both of the model VI fits at dt = 1/40); ``--ou-step exact``
   uses the exact OU transition (:meth:`~ppl.transforms.fbm.MarkovSDE.ou_transition`).
 * **Speed** (the B2 problem at H = 0.7, batch 64): time per training step (value, gradient and
   Adam update, one jitted call; median of 200 steps timed in 20 interleaved rounds, so that
@@ -55,7 +54,7 @@ cores, so an hour or more for its 4 × 300 steps: run it on a GPU or with ``--st
 ``--quick`` (a smoke run), ``--only b1|b2|b2-seeds|speed|b3`` (repeatable; ``b2-seeds``
 repeats B2's model comparison over ``--seeds`` seeds of the networks and training keys, not
 part of the default run), ``--steps N`` (override every training length), ``--decay N``
-(B2: the length of the cosine tail), ``--learn-params`` (B2: θ and σ learned too),
+(B2: the length of the cosine tail), ``--known-params`` (B2: θ = σ = 1 fixed),
 ``--ou-step euler|exact`` and ``--dt-steps N`` (B2: the OU step and dt = 1/N).
 Nothing is CPU-specific: on a GPU the same script runs as it is.
 """
@@ -699,12 +698,9 @@ def main(argv=None):
         help="B2: the last N steps on a cosine decay (default 4000)",
     )
     parser.add_argument(
-        "--learn-params",
+        "--known-params",
         action="store_true",
-        help="B2: learn θ and σ too (default: fixed at the data's 1, only H and the guide learned)",
-    )
-    parser.add_argument(  # the default since the eighth session; kept for old commands
-        "--known-params", action="store_true", help="B2: θ and σ fixed at 1 (the default)"
+        help="B2: θ and σ fixed at the data's 1 (only H and the guide learned)",
     )
     parser.add_argument(
         "--ou-step",
@@ -731,11 +727,11 @@ def main(argv=None):
     if "b1" in only:
         b1((0.7, 0.5, 0.3), args.steps or (200 if q else 2000))
     if "b2" in only:
-        b2((0.3, 0.5, 0.7), b2_steps, decay=b2_decay, known=not args.learn_params,
+        b2((0.3, 0.5, 0.7), b2_steps, decay=b2_decay, known=args.known_params,
            ou_step=args.ou_step, dt=1.0 / args.dt_steps)  # fmt: skip
     if "b2-seeds" in only:
         b2_seeds((0.3, 0.7), b2_steps, range(args.seeds), decay=b2_decay,
-                 known=not args.learn_params, ou_step=args.ou_step,
+                 known=args.known_params, ou_step=args.ou_step,
                  dt=1.0 / args.dt_steps)  # fmt: skip
     if "speed" in only:
         speed(args.steps or (60 if q else 1500), 20 if q else args.repeats)
