@@ -49,7 +49,7 @@ from ppl.models.registry import FitResult, ModelSpec, Problem, register
 from ppl.transforms.fbm import (
     GridControl,
     _check_times,
-    check_ou_step,
+    check_step,
     fbm_covariance,
     fbm_sde,
     gamma_grid,
@@ -273,15 +273,7 @@ class LatentSDE:
                 raise ValueError(f"hurst must be None, 'bm' or lie in (0, 1), got {self.hurst}")
         if self.fbm_type not in ("I", "II"):
             raise ValueError(f"fbm_type must be 'I' or 'II', got {self.fbm_type!r}")
-        gammas = gamma_grid(self.num_ou, self.gamma_max)
-        check_ou_step(self.ou_step)
-        if not self.dt > 0:
-            raise ValueError(f"dt must be a positive step, got {self.dt}")
-        if self.ou_step == "euler" and float(np.max(gammas)) * self.dt >= 0.5:
-            raise ValueError(
-                f"dt = {self.dt:g} violates the guard γ_max·dt < 0.5 (γ_max = "
-                f"{self.gamma_max:g}): use dt < {0.5 / self.gamma_max:.3g}"
-            )
+        check_step(self.dt, gamma_grid(self.num_ou, self.gamma_max), "dt", self.ou_step)
         if self.kl_gradient not in ("exact", "expected"):
             raise ValueError(f"kl_gradient must be 'exact' or 'expected', got {self.kl_gradient!r}")
         if not self.obs_sd > 0:

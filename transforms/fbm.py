@@ -84,8 +84,8 @@ _CF_TERMS = 40
 #: The same switch for the float64 host solve (e^{z}Q(a, z) is finite there up to z ≈ 700).
 _HOST_CF_SWITCH = 500.0
 #: ω(H) in float32: Chebyshev nodes of the float64 fit, the relative size below which its
-#: coefficients are dropped, and the float32 error (relative to max|ω| on a check grid) up to
-#: which the interpolant is used instead of the host solve.
+#: coefficients are dropped, and the float32 error (relative to max_k |ω_k(H)| at each H of
+#: a check grid) up to which the series is used instead of the host solve.
 _CHEB_NODES = 49
 _CHEB_DROP = 1e-10
 _CHEB_TOL = 1e-6
@@ -196,8 +196,9 @@ def check_step(dt: float, gammas, what: str = "dt", ou_step: str = "euler") -> f
         raise ValueError(f"{what} must be a positive step, got {dt}")
     if check_ou_step(ou_step) == "euler" and g_max * dt >= 0.5:
         raise ValueError(
-            f"{what} = {dt:g} is too large for the fastest OU speed γ_max = {g_max:g}: "
-            f"need γ_max·{what} < 0.5 (got {g_max * dt:.3g}); use {what} < {0.5 / g_max:.3g}"
+            f"{what} = {dt:g} is too large for the fastest OU speed γ_max = {g_max:g}: the "
+            f"Euler step guard needs γ_max·{what} < 0.5 (got {g_max * dt:.3g}); use "
+            f"{what} < {0.5 / g_max:.3g}, or ou_step='exact'"
         )
     return dt
 
