@@ -329,13 +329,15 @@ def _contract(model_trace, values, kept):
     history = 0
     for name, site in sample_sites:
         lp = _site_log_prob(site)
-        site_plate_scales = site.get("plate_to_scale") or {}
+        # subsample scales by plate; NumPyro files handlers.scale factors under key None
+        site_plate_scales = {
+            p: s for p, s in (site.get("plate_to_scale") or {}).items() if p is not None
+        }
         plate_to_scale.update(site_plate_scales)
-        scale = site["scale"]
-        if scale is not None and not is_identically_one(scale):
-            plates_scale = math.prod(site_plate_scales.values())
-            scale = scale if plates_scale == 1 else scale / plates_scale
-        else:
+        scale = site["scale"]  # subsample scales x handler scales: keep the latter
+        if scale is not None and site_plate_scales:
+            scale = scale / math.prod(site_plate_scales.values())
+        if scale is None or is_identically_one(scale):
             scale = None
         dim_to_name = site["infer"]["dim_to_name"]
         if all(d == 1 for d in jnp.shape(lp)) and dim_to_name == OrderedDict():
