@@ -5,7 +5,10 @@ driven by any objective of :mod:`ppl.objectives` (or a user's own) through
 :func:`ppl.value_and_grad`, plus what long runs need: a jit-compiled step scanned in
 chunks under a progress bar, a NaN/inf guard, atomic checkpoints with bit-identical
 resume, explicit minibatch iterators and data parallelism over a
-``jax.sharding.Mesh``.
+``jax.sharding.Mesh``. A NumPyro ELBO instance (``Trace_ELBO()``, ``TraceGraph_ELBO()``,
+``TraceEnum_ELBO()``, ``RenyiELBO()``) may stand in for the objective and a
+``numpyro.optim`` optimizer for the optax one; the other way round,
+:func:`ppl.as_numpyro_loss` makes a ppl objective the ``loss=`` of ``numpyro.infer.SVI``.
 
 Conventions
 -----------
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -59,6 +63,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ppl
+import ppl.dsl
+from ppl import interop as _interop
 
 from . import checkpoint as _ckpt
 
@@ -74,7 +80,8 @@ class SVIState(NamedTuple):
     """The full state of an SVI run (a pytree; every field is an array or dict of arrays).
 
     :ivar dict params: unconstrained ``numpyro.param`` values ``{name: array}``.
-    :ivar opt_state: the optax optimiser state for ``params``.
+    :ivar opt_state: the optimiser state for ``params`` (optax's, or a ``numpyro.optim``
+        optimizer's ``(step, state)``).
     :ivar rng_key: the run's base PRNG key (constant); step ``i`` uses
         ``jax.random.fold_in(rng_key, i)``.
     :ivar step: ``int32[]``, the number of steps taken so far (accepted or rejected).
@@ -285,6 +292,77 @@ def _replicate_state(state: SVIState, sharding) -> SVIState:
     return out
 
 
+def _check_optimizer(optimizer):
+    """The ``numpyro.optim`` optimiser to drive through its own API, or ``None`` for optax."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return None
+    from numpyro.optim import Minimize, _NumPyroOptim
+
+    if isinstance(optimizer, Minimize):
+        raise TypeError(
+            "optimizer=numpyro.optim.Minimize() is not supported: it re-evaluates the loss "
+            "(BFGS) instead of taking gradient steps; use an optax.GradientTransformation "
+            "such as optax.adam(1e-2) or a gradient-based numpyro.optim optimizer "
+            "(numpyro.optim.Adam(1e-2), ClippedAdam, SGD, ...)"
+        )
+    if isinstance(optimizer, _NumPyroOptim):
+        return optimizer
+    raise TypeError(
+        "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2) or a "
+        "numpyro.optim optimizer such as numpyro.optim.Adam(1e-2), "
+        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    )
+
+
+def _param_constraints(model, guide, params, args, kwargs) -> dict:
+    """``{name: constraint}`` of the param sites (traced abstractly)."""
+    return _interop._param_constraints(
+        model,
+        guide,
+        jax.random.PRNGKey(0),
+        args,
+        kwargs,
+        lambda: ppl.dsl.substitute_params(params=params, strict=False),
+    )
+
+
+def _constrained(value, constraint):
+    return value if constraint is None else ppl.dsl.constrain(value, constraint)
+
+
+def _accepted_keywords(fn):
+    """``(names, accepts_any)``: the keyword parameters of program ``fn``."""
+    fn = getattr(fn, "_ppl_program", fn)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: cannot tell
+        return (), True
+    names, any_kw = [], False
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            any_kw = True
+        elif p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.append(p.name)
+    return tuple(names), any_kw
+
+
+def _check_stable_update(stable_update):
+    if not isinstance(stable_update, bool | np.bool_):
+        raise TypeError(f"stable_update must be True or False, got {stable_update!r}")
+    if not stable_update:
+        raise ValueError(
+            "stable_update=False is not supported: ppl.inference.SVI always rejects steps "
+            "with a non-finite loss, gradient or update (like numpyro's stable_update=True) "
+            "and stops after max_bad_steps consecutive ones; leave stable_update out"
+        )
+
+
+# NumPyro ``SVI.run`` options that ppl.inference.SVI does not have (with what to do instead).
+_NUMPYRO_ONLY = {
+    "forward_mode_differentiation": "ppl.inference.SVI differentiates in reverse mode only",
+}
+
+
 def _param_table(params) -> dict:
     return {k: f"{jnp.result_type(v)}{tuple(np.shape(v))}" for k, v in sorted(params.items())}
 
@@ -307,13 +385,23 @@ class SVI:
         :func:`ppl.transforms.estimators`, :func:`ppl.marginal`, …).
     :param optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``);
         it receives the gradient of the **loss** (``-objective``), so it minimises as usual.
-        ``GradientTransformationExtraArgs`` also get ``value=loss``.
+        ``GradientTransformationExtraArgs`` also get ``value=loss``. Or a gradient-based
+        ``numpyro.optim`` optimizer (``numpyro.optim.Adam(1e-2)``, ``ClippedAdam``,
+        ``SGD``, …; https://num.pyro.ai/en/stable/optimizers.html), driven through its own
+        ``init`` / ``update(grads, state, value=loss)`` / ``get_params`` as
+        ``numpyro.infer.SVI`` does; ``SVIState.opt_state`` is then its state.
+        ``numpyro.optim.Minimize`` is refused (it does not take gradient steps).
     :param objective: an objective of :mod:`ppl.objectives` (default ``elbo``), a user's
-        own ``objective(model, guide, *args, **kwargs)``, or a wake-sleep dict
-        ``{"model": obj_p, "guide": obj_q}``.
+        own ``objective(model, guide, *args, **kwargs)``, a wake-sleep dict
+        ``{"model": obj_p, "guide": obj_q}`` or :func:`ppl.as_numpyro_loss` of one; or a
+        NumPyro ELBO instance (``numpyro.infer.Trace_ELBO()``, ``TraceGraph_ELBO()``,
+        ``TraceEnum_ELBO()``, ``RenyiELBO()``, with any ``num_particles``;
+        https://num.pyro.ai/en/stable/svi.html): the step then uses NumPyro's own loss and
+        its gradient (:func:`ppl.interop.elbo_value_and_grad`), and the reported loss is
+        NumPyro's (the negative ELBO estimate). ``numpyro.mutable`` state is not supported.
 
     The jit-compiled step is ``value, grads = ppl.value_and_grad(objective, model,
-    guide)(params, fold_in(rng_key, step), *args)`` followed by the optax update with
+    guide)(params, fold_in(rng_key, step), *args)`` followed by the optimiser update with
     ``-grads``. A step whose value, gradient or updated params are non-finite is rejected
     (params and optimiser state are kept, ``state.num_bad`` counts it).
 
@@ -341,22 +429,23 @@ class SVI:
             raise TypeError(f"model must be a callable NumPyro program, got {type(model)}")
         if not callable(guide):
             raise TypeError(f"guide must be a callable NumPyro program, got {type(guide)}")
-        if not isinstance(optimizer, optax.GradientTransformation):
-            hint = ""
-            if type(optimizer).__module__.startswith("numpyro.optim"):
-                hint = " (a numpyro.optim optimizer; use the optax one, e.g. optax.adam(1e-2))"
-            raise TypeError(
-                "optimizer must be an optax.GradientTransformation such as optax.adam(1e-2), "
-                f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}{hint}"
-            )
+        numpyro_optim = _check_optimizer(optimizer)
         if objective is None:
             objective = ppl.objectives.elbo
+        if isinstance(objective, _interop.NumPyroLoss):  # ppl.as_numpyro_loss(obj): unwrap
+            objective = objective.objective
         self.model = model
         self.guide = guide
         self.optimizer = optimizer
         self.objective = objective
-        self._optim = optax.with_extra_args_support(optimizer)
-        self._value_and_grad = ppl.value_and_grad(objective, model, guide)
+        self._numpyro_optim = numpyro_optim
+        self._optim = (
+            None if numpyro_optim is not None else optax.with_extra_args_support(optimizer)
+        )
+        if _interop.is_numpyro_elbo(objective):
+            self._value_and_grad = _interop.elbo_value_and_grad(objective, model, guide)
+        else:
+            self._value_and_grad = ppl.value_and_grad(objective, model, guide)
         self._constrain_args: tuple | None = None
         self._jit_step = jax.jit(self._step_impl, static_argnums=0)
         self._jit_eval = jax.jit(self._eval_impl, static_argnums=0)
@@ -378,8 +467,12 @@ class SVI:
         bad_grad = {k: ~_all_finite(grads[k]) for k in state.params}
         bad_value = ~jnp.isfinite(loss)
         neg = jax.tree_util.tree_map(jnp.negative, grads)
-        updates, opt_state = self._optim.update(neg, state.opt_state, state.params, value=loss)
-        params = optax.apply_updates(state.params, updates)
+        if self._numpyro_optim is not None:  # as numpyro.optim's eval_and_update does
+            opt_state = self._numpyro_optim.update(neg, state.opt_state, value=loss)
+            params = self._numpyro_optim.get_params(opt_state)
+        else:
+            updates, opt_state = self._optim.update(neg, state.opt_state, state.params, value=loss)
+            params = optax.apply_updates(state.params, updates)
         params = jax.tree_util.tree_map(
             lambda new, old: jnp.asarray(new, jnp.result_type(old)), params, state.params
         )
@@ -439,11 +532,14 @@ class SVI:
 
     # -- public API ---------------------------------------------------------------
 
-    def init(self, rng_key, *args, **kwargs) -> SVIState:
+    def init(self, rng_key, *args, init_params: Mapping | None = None, **kwargs) -> SVIState:
         """Initial state: params from their ``numpyro.param`` init values, optimiser state.
 
         :param rng_key: a JAX PRNG key (``jax.random.PRNGKey(0)`` or ``jax.random.key(0)``).
         :param args, kwargs: the model's and guide's arguments (checked for NaN/inf).
+        :param dict init_params: ``{name: constrained value}`` to start from instead of the
+            ``numpyro.param`` init values (as in ``numpyro.infer.SVI.init``); a name that
+            is not a param of the model or guide is a ``ValueError``.
         :returns: :class:`SVIState` with ``step == 0``.
         """
         rng_key = _check_key(rng_key)
@@ -455,17 +551,61 @@ class SVI:
                 "model and guide have no numpyro.param sites to optimise; "
                 f"ppl.init_params returned {params!r}"
             )
+        if init_params is not None:
+            params = self._apply_init_params(params, init_params, args, kwargs)
         params = {k: jax.tree_util.tree_map(_strong, v) for k, v in params.items()}
         self._constrain_args = (args, kwargs)
+        if self._numpyro_optim is not None:
+            opt_state = jax.tree_util.tree_map(_strong, self._numpyro_optim.init(params))
+        else:
+            opt_state = self._optim.init(params)
         return SVIState(
             params=params,
-            opt_state=self._optim.init(params),
+            opt_state=opt_state,
             rng_key=rng_key,
             step=jnp.zeros((), jnp.int32),
             num_bad=jnp.zeros((), jnp.int32),
             nonfinite_grads={k: jnp.zeros((), bool) for k in params},
             nonfinite_loss=jnp.zeros((), bool),
         )
+
+    def _apply_init_params(self, params, init_params, args, kwargs) -> dict:
+        """``params`` with the entries of ``init_params`` (constrained) unconstrained in."""
+        if not isinstance(init_params, Mapping):
+            raise TypeError(
+                f"init_params must be a dict {{name: constrained value}}, got {type(init_params)}"
+            )
+        unknown = sorted(k for k in init_params if k not in params)
+        if unknown:
+            raise ValueError(
+                f"init_params has unknown param name(s) {unknown}; the model and guide have "
+                f"params {sorted(params)}"
+            )
+        found = _param_constraints(self.model, self.guide, params, args, kwargs)
+        out = dict(params)
+        for name, value in init_params.items():
+            c = found.get(name)
+            value = jax.tree_util.tree_map(jnp.asarray, value)
+            unc = ppl.dsl.unconstrain(value, c)
+            want = jax.tree_util.tree_structure(params[name])
+            got = jax.tree_util.tree_structure(unc)
+            shapes = [jnp.shape(a) for a in jax.tree_util.tree_leaves(params[name])]
+            if got != want or [jnp.shape(a) for a in jax.tree_util.tree_leaves(unc)] != shapes:
+                raise ValueError(
+                    f"init_params[{name!r}] has shape "
+                    f"{jax.tree_util.tree_map(jnp.shape, value)}, but param {name!r} has "
+                    f"(constrained) shape "
+                    f"{jax.tree_util.tree_map(jnp.shape, _constrained(params[name], c))}"
+                )
+            if not bool(_all_finite(unc)):
+                raise ValueError(
+                    f"init_params[{name!r}] is outside the support of param {name!r} "
+                    f"(constraint {c}) or not finite"
+                )
+            out[name] = jax.tree_util.tree_map(
+                lambda u, p: jnp.asarray(u, jnp.result_type(p)), unc, params[name]
+            )
+        return out
 
     def update(self, state: SVIState, *args, **kwargs) -> tuple[SVIState, jax.Array]:
         """Take one (jit-compiled, guarded) optimisation step.
@@ -508,6 +648,8 @@ class SVI:
         data_axis="data",
         batches: Iterable | None = None,
         init_state: SVIState | None = None,
+        init_params: Mapping | None = None,
+        stable_update: bool = True,
         **kwargs,
     ) -> SVIRunResult:
         """Run ``num_steps`` optimisation steps; return :class:`SVIRunResult`.
@@ -541,17 +683,53 @@ class SVI:
             ``num_steps`` items of identical shapes.
         :param init_state: continue from this state (e.g. a previous ``result.state``);
             ``losses`` then holds only this call's steps.
+        :param dict init_params: ``{name: constrained value}`` to start from instead of the
+            params' init values (as ``numpyro.infer.SVI.run(init_params=...)``; see
+            :meth:`init`). Not together with ``init_state``.
+        :param bool stable_update: accepted for compatibility with ``numpyro.infer.SVI.run``:
+            every step of this SVI is guarded (non-finite steps are rejected, see
+            ``max_bad_steps``), so ``True`` changes nothing and ``False`` (which cannot turn
+            the guard off) is a ``ValueError``.
+        :param kwargs: keyword arguments of the model and guide; a keyword that is neither an
+            option of ``run`` nor a parameter of both the model's and the guide's signature
+            (a ``**kwargs`` parameter accepts any) is a ``TypeError`` naming it.
         :returns: ``SVIRunResult(params, state, losses)``: constrained params, the final
             state and ``losses`` ``f32[num_steps]`` (``-objective`` per step).
+
+        Example::
+
+            >>> import jax, jax.numpy as jnp, optax, numpyro, numpyro.distributions as dist
+            >>> from ppl.inference import SVI
+            >>> def model(x):
+            ...     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+            ...     numpyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+            >>> def guide(x):
+            ...     s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
+            ...     numpyro.sample("mu", dist.Normal(0.5, s))
+            >>> svi = SVI(model, guide, optax.adam(0.05))
+            >>> res = svi.run(jax.random.PRNGKey(0), 3, jnp.ones(()), progress_bar=False,
+            ...               init_params={"s": 0.7})
+            >>> res.losses.shape
+            (3,)
+            >>> svi.run(jax.random.PRNGKey(0), 3, jnp.ones(()), progress_bar=False, lr=0.1)
+            Traceback (most recent call last):
+            ...
+            TypeError: SVI.run() got unexpected keyword argument(s) ['lr']: ...
         """
+        self._check_program_kwargs("run", kwargs)
+        _check_stable_update(stable_update)
         num_steps = _count("num_steps", num_steps)
+        if init_state is not None and init_params is not None:
+            raise ValueError(
+                "run() got both init_state and init_params; init_state already holds params"
+            )
         opts = self._check_run_options(
             chunk_size, max_bad_steps, checkpoint, checkpoint_every, mesh, data_axis
         )
         batch_iter, first = self._open_batches(batches, num_steps)
         if init_state is None:
             b_args, b_kwargs = self._batch_call(first, args, kwargs)
-            state = self.init(rng_key, *b_args, **b_kwargs)
+            state = self.init(rng_key, *b_args, init_params=init_params, **b_kwargs)
         else:
             if not isinstance(init_state, SVIState):
                 raise TypeError(f"init_state must be an SVIState, got {type(init_state)}")
@@ -581,6 +759,7 @@ class SVI:
         mesh: Mesh | None = None,
         data_axis="data",
         batches: Iterable | None = None,
+        stable_update: bool = True,
         **kwargs,
     ) -> SVIRunResult:
         """Continue the run saved in ``checkpoint_dir`` until ``num_steps`` steps in total.
@@ -594,9 +773,13 @@ class SVI:
             original ``run``); must be >= the saved step.
         :param batches: the same batch sequence as the original run; the first ``step``
             items (already used) are skipped.
+        :param stable_update: as in :meth:`run`.
+        :param kwargs: keyword arguments of the model and guide (checked as in :meth:`run`).
         :returns: :class:`SVIRunResult` whose ``losses`` cover the whole run (saved + new).
         :raises ValueError: the checkpoint is corrupt or belongs to another model/optimizer.
         """
+        self._check_program_kwargs("resume", kwargs)
+        _check_stable_update(stable_update)
         num_steps = _count("num_steps", num_steps)
         path = _ckpt.checkpoint_path(checkpoint_dir)
         meta = _ckpt.read_metadata(checkpoint_dir)
@@ -621,6 +804,37 @@ class SVI:
         )
 
     # -- run machinery ------------------------------------------------------------
+
+    def _check_program_kwargs(self, method, kwargs):
+        """``TypeError`` naming keywords that neither ``method`` nor model and guide take."""
+        if not kwargs:
+            return
+        options = sorted(
+            name
+            for name, p in inspect.signature(getattr(self, method)).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+        bad, problems = [], []
+        for name in kwargs:
+            if name in _NUMPYRO_ONLY:  # never passed on, even to a model with **kwargs
+                bad.append(name)
+                problems.append(f"{name!r} (a numpyro.infer.SVI.run option: {_NUMPYRO_ONLY[name]})")
+                continue
+            refused = []
+            for what, fn in (("model", self.model), ("guide", self.guide)):
+                names, any_kw = _accepted_keywords(fn)
+                if not any_kw and name not in names:
+                    refused.append(what)
+            if refused:
+                bad.append(name)
+                problems.append(f"{name!r} (not a parameter of the {' or the '.join(refused)})")
+        if bad:
+            raise TypeError(
+                f"SVI.{method}() got unexpected keyword argument(s) {bad}: "
+                + "; ".join(problems)
+                + f". Options of {method}(): {options}; other keywords are passed to the "
+                "model and guide, so they must be parameters of both"
+            )
 
     def _check_run_options(
         self, chunk_size, max_bad_steps, checkpoint, checkpoint_every, mesh, data_axis

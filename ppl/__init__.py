@@ -11,6 +11,7 @@ estimator (REPARAM, REINFORCE, ENUM, MVD) chosen per sample site
 from ppl import objectives, sparse
 from ppl.dsl import Trace, add_cost, log_density, logmeanexp, particles, sample_trace
 from ppl.grad import check_data, constrain_params, init_params, value_and_grad
+from ppl.interop import as_numpyro_loss
 from ppl.marginal import log_normalizer, marginal, normalize, sample_joint
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Trace",
     "add_cost",
+    "as_numpyro_loss",
     "check_data",
     "constrain_params",
     "init_params",
