@@ -113,16 +113,30 @@ class _values_not_enumerated(Messenger):
             msg["infer"] = {**msg["infer"], "enumerate": None}  # a copy: infer may be shared
 
 
-def _substitute_fn(values, subsamples):
+def _substitute_fn(values, subsamples, enumerating=False):
     """``substitute_fn`` giving latent sites their values and plates their subsamples.
 
     A function (not ``data=``) so that observed sites keep their ``obs`` and so that it
-    also reaches ``scan`` bodies (NumPyro forwards substitute handlers into them).
+    also reaches ``scan`` bodies (NumPyro forwards substitute handlers into them). Under
+    enumeration NumPyro enumerates every discrete site of a ``scan`` body, so such a site
+    cannot be given a value.
     """
 
     def fn(msg):
         if msg["type"] == "sample" and not msg["is_observed"]:
-            return values.get(msg["name"])
+            value = values.get(msg["name"])
+            if (
+                value is not None
+                and enumerating
+                and "_scan_current_index" in (msg.get("infer") or {})
+                and msg["fn"].has_enumerate_support
+            ):
+                raise ValueError(
+                    f"site {msg['name']!r} is enumerated inside numpyro.contrib.control_flow."
+                    "scan (NumPyro enumerates every discrete site of a scan body) but values "
+                    "gives it a value; drop it from the guide or move it out of the scan"
+                )
+            return value
         if msg["type"] == "plate":
             return subsamples.get(msg["name"])
         return None
@@ -245,9 +259,10 @@ def enum_log_density(
         max_plate_nesting = _plate_nesting(model, args, kwargs, params, rng_key, subs_fn)
     nesting = max(int(max_plate_nesting), int(batch_rank))
 
+    enum_subs_fn = _substitute_fn(values, dict(plate_subsamples or {}), enumerating=True)
     with plate_to_enum_plate(), enum(first_available_dim=-nesting - 1 if nesting else None):
         with packed_trace() as model_trace, _values_not_enumerated(names=frozenset(values)):
-            with substitute(substitute_fn=subs_fn), substitute(data=params):
+            with substitute(substitute_fn=enum_subs_fn), substitute(data=params):
                 with seed(rng_seed=rng_key):
                     model(*args, **kwargs)
 
@@ -283,12 +298,6 @@ def _check_site(name, site, values):
             "the guide instead"
         )
     if marked:
-        if base in values:
-            raise ValueError(
-                f"site {base!r} is enumerated inside numpyro.contrib.control_flow.scan "
-                "(whose body NumPyro enumerates with config_enumerate) but values gives it "
-                "a value; enumerate it (drop it from the guide) or move it out of scan"
-            )
         return True
     if base not in values:
         raise ValueError(

@@ -90,6 +90,27 @@ def _trace_enum_elbo(model, guide, data, rng_key):
     return lambda params: -TraceEnum_ELBO().loss(rng_key, params, model, guide, data)
 
 
+def _jit_eld(model, values, args=(), *, params, rng_key, plate_subsamples=None, **static):
+    """enum_log_density compiled once (eager JAX compiles every small op separately)."""
+
+    def f(values, args, params, rng_key, subsamples):
+        return enum_log_density(
+            model,
+            values,
+            args,
+            params=params,
+            rng_key=rng_key,
+            plate_subsamples=subsamples,
+            **static,
+        )
+
+    return jax.jit(f)(values, args, params, rng_key, plate_subsamples)
+
+
+def _value_and_grad(f):
+    return jax.jit(jax.value_and_grad(f))
+
+
 def _max_abs_diff(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(la, lb, strict=True))
@@ -118,8 +139,8 @@ def test_mixture_elbo_value_and_grad_equal_trace_enum(seed_):
         key = jax.random.key(seed_)
         ours = _elbo_fn(mixture, mixture_guide, x, key)
         ref = _trace_enum_elbo(mixture, mixture_guide, x, key)
-        v, g = jax.value_and_grad(ours)(params)
-        v_ref, g_ref = jax.value_and_grad(ref)(params)
+        v, g = _value_and_grad(ours)(params)
+        v_ref, g_ref = _value_and_grad(ref)(params)
         assert v.dtype == jnp.float64
         assert abs(float(v - v_ref)) < 1e-5, (v, v_ref)
         assert _max_abs_diff(g, g_ref) < 1e-5, (g, g_ref)
@@ -127,8 +148,14 @@ def test_mixture_elbo_value_and_grad_equal_trace_enum(seed_):
         assert all(float(jnp.min(jnp.abs(leaf))) > 1e-3 for leaf in jax.tree.leaves(g))
 
 
-def test_mixture_matches_hand_marginal_and_jits():
-    """log p(x, locs) = log p(locs) + Σ_i log Σ_k w_k N(x_i | locs_k, 1), written by hand."""
+def _mixture_hand(locs, w, x):
+    """log p(x, locs) = log p(locs) + Σ_i log Σ_k w_k N(x_i | locs_k, 1), by hand."""
+    return dist.Normal(0.0, 5.0).log_prob(locs).sum() + jax.nn.logsumexp(
+        jnp.log(w) + dist.Normal(locs, 1.0).log_prob(x[:, None]), axis=1
+    ).sum(0)
+
+
+def test_mixture_matches_hand_marginal_eager_and_jit():
     x = _mixture_data()
     params = _mixture_params()
     locs = jnp.array([-3.0, 0.2, 2.5])
@@ -138,25 +165,28 @@ def test_mixture_matches_hand_marginal_and_jits():
             mixture, {"locs": locs}, (x,), params=params, rng_key=jax.random.key(0)
         )
 
-    w = params["w"]
-    hand = dist.Normal(0.0, 5.0).log_prob(locs).sum() + jax.nn.logsumexp(
-        jnp.log(w) + dist.Normal(locs, 1.0).log_prob(x[:, None]), axis=1
-    ).sum(0)
-    assert abs(float(f(locs, params) - hand)) < 1e-4
+    hand = _mixture_hand(locs, params["w"], x)
+    assert abs(float(f(locs, params) - hand)) < 1e-4  # eager
     assert abs(float(jax.jit(f)(locs, params) - hand)) < 1e-4
-    g = jax.grad(f)(locs, params)
-    g_hand = jax.grad(
-        lambda lc: (
-            dist.Normal(0.0, 5.0).log_prob(lc).sum()
-            + jax.nn.logsumexp(jnp.log(w) + dist.Normal(lc, 1.0).log_prob(x[:, None]), axis=1).sum()
-        )
-    )(locs)
-    np.testing.assert_allclose(g, g_hand, rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(f, argnums=(0, 1)))(locs, params)
+    g_hand = jax.grad(_mixture_hand, argnums=(0, 1))(locs, params["w"], x)
+    np.testing.assert_allclose(g[0], g_hand[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g[1]["w"], g_hand[1], rtol=1e-5, atol=1e-5)
+    # an explicit max_plate_nesting gives the same value (enumeration dims further left)
+    deeper = enum_log_density(
+        mixture,
+        {"locs": locs},
+        (x,),
+        params=params,
+        rng_key=jax.random.key(0),
+        max_plate_nesting=3,
+    )
+    assert abs(float(deeper - hand)) < 1e-4
 
 
 def test_vmap_over_particles_and_iwelbo():
     """Under jax.vmap (how particles run) each particle gets its own marginal; the IWELBO
-    over the continuous latents (discrete ones summed out) follows with logmeanexp."""
+    over the continuous latents, discrete ones summed out, is a logmeanexp of them."""
     x = _mixture_data()
     params = _mixture_params()
     locs = jnp.stack([jnp.array([-3.0, 0.2, 2.5]) + 0.3 * k for k in range(4)])
@@ -166,12 +196,17 @@ def test_vmap_over_particles_and_iwelbo():
             mixture, {"locs": lc}, (x,), params=params, rng_key=jax.random.key(0)
         )
 
-    batched = jax.vmap(f)(locs)
-    looped = jnp.stack([f(lc) for lc in locs])
-    np.testing.assert_allclose(batched, looped, rtol=1e-6)
+    batched = jax.jit(jax.vmap(f))(locs)
+    hand = jnp.stack([_mixture_hand(lc, params["w"], x) for lc in locs])
+    np.testing.assert_allclose(batched, hand, rtol=1e-5)
     assert len(set(np.asarray(batched).tolist())) == 4
-    jitted = jax.jit(jax.vmap(jax.grad(f)))(locs)
-    np.testing.assert_allclose(jitted, jnp.stack([jax.grad(f)(lc) for lc in locs]), rtol=1e-5)
+    log_q = dist.Normal(params["m"], params["s"]).log_prob(locs).sum(-1)
+    iwelbo = jax.nn.logsumexp(batched - log_q) - jnp.log(4.0)
+    iwelbo_hand = jax.nn.logsumexp(hand - log_q) - jnp.log(4.0)
+    assert abs(float(iwelbo - iwelbo_hand)) < 1e-4
+    grads = jax.jit(jax.vmap(jax.grad(f)))(locs)
+    grads_hand = jax.vmap(jax.grad(_mixture_hand), in_axes=(0, None, None))(locs, params["w"], x)
+    np.testing.assert_allclose(grads, grads_hand, rtol=1e-5, atol=1e-5)
 
 
 def test_guide_sampled_discrete_site_is_scored_not_enumerated():
@@ -180,7 +215,7 @@ def test_guide_sampled_discrete_site_is_scored_not_enumerated():
     params = _mixture_params()
     locs = jnp.array([-3.0, 0.2, 2.5])
     a = jnp.asarray(np.random.RandomState(1).randint(0, K, N))
-    got = enum_log_density(
+    got = _jit_eld(
         mixture, {"locs": locs, "assignment": a}, (x,), params=params, rng_key=jax.random.key(0)
     )
     want, _ = numpyro.infer.util.log_density(
@@ -267,7 +302,7 @@ def test_hmm_marginal_equals_forward_algorithm_T20(model):
     with jax.enable_x64(True):
         y = _hmm_data(20)
         loc = jnp.asarray(LOC)
-        got = enum_log_density(
+        got = _jit_eld(
             model,
             {"loc": loc},
             (y,),
@@ -307,8 +342,8 @@ def test_hmm_markov_elbo_value_and_grad_equal_trace_enum():
             "s": jnp.array([0.3, 0.4]),
         }
         key = jax.random.key(3)
-        v, g = jax.value_and_grad(_elbo_fn(hmm_markov, hmm_guide, y, key))(params)
-        v_ref, g_ref = jax.value_and_grad(_trace_enum_elbo(hmm_markov, hmm_guide, y, key))(params)
+        v, g = _value_and_grad(_elbo_fn(hmm_markov, hmm_guide, y, key))(params)
+        v_ref, g_ref = _value_and_grad(_trace_enum_elbo(hmm_markov, hmm_guide, y, key))(params)
         assert abs(float(v - v_ref)) < 1e-5, (v, v_ref)
         assert _max_abs_diff(g, g_ref) < 1e-5, (g, g_ref)
 
@@ -324,8 +359,8 @@ def test_hmm_scan_elbo_equals_markov_elbo():
             "s": jnp.array([0.3, 0.4]),
         }
         key = jax.random.key(3)
-        v, g = jax.value_and_grad(_elbo_fn(hmm_scan, hmm_guide, y, key))(params)
-        v_ref, g_ref = jax.value_and_grad(_elbo_fn(hmm_markov, hmm_guide, y, key))(params)
+        v, g = _value_and_grad(_elbo_fn(hmm_scan, hmm_guide, y, key))(params)
+        v_ref, g_ref = _value_and_grad(_elbo_fn(hmm_markov, hmm_guide, y, key))(params)
         assert abs(float(v - v_ref)) < 1e-8
         assert _max_abs_diff(g, g_ref) < 1e-8
 
@@ -384,8 +419,8 @@ def test_subsampled_plate_elbo_equals_trace_enum():
         ours = _elbo_fn(
             substitute(local_model, data=fixed), substitute(local_guide, data=fixed), x, key
         )
-        v, g = jax.value_and_grad(ours)(params)
-        v_ref, g_ref = jax.value_and_grad(ref)(params)
+        v, g = _value_and_grad(ours)(params)
+        v_ref, g_ref = _value_and_grad(ref)(params)
         assert abs(float(v - v_ref)) < 1e-5, (v, v_ref)
         assert _max_abs_diff(g, g_ref) < 1e-5
         # and by hand: (M/B) Σ_{i ∈ batch} log Σ_c w_c N(z_i | locs_c, 1) N(x_i | z_i, 0.5)
@@ -396,7 +431,7 @@ def test_subsampled_plate_elbo_equals_trace_enum():
             + dist.Normal(z, 0.5).log_prob(x[idx])[:, None],
             axis=1,
         )
-        log_p = enum_log_density(
+        log_p = _jit_eld(
             local_model, {"z": z}, (x,), params=params, rng_key=key, plate_subsamples=fixed
         )
         assert abs(float(log_p - M / B * per_point.sum())) < 1e-9
@@ -410,10 +445,8 @@ def test_keep_plates_per_element_values_sum_to_scalar(batch_rank):
         local_guide(x)
     values, fixed = {"z": gt["z"]["value"]}, {"data": gt["data"]["value"]}
     kw = dict(params=params, rng_key=key, plate_subsamples=fixed)
-    scalar = enum_log_density(local_model, values, (x,), **kw)
-    per = enum_log_density(
-        local_model, values, (x,), keep_plates={"data": -1}, batch_rank=batch_rank, **kw
-    )
+    scalar = _jit_eld(local_model, values, (x,), **kw)
+    per = _jit_eld(local_model, values, (x,), keep_plates={"data": -1}, batch_rank=batch_rank, **kw)
     assert per.shape == (1,) * (batch_rank - 1) + (B,)
     assert scalar.shape == ()
     np.testing.assert_allclose(per.sum() * M / B, scalar, rtol=1e-6)
@@ -443,8 +476,8 @@ def test_keep_plates_nested_plates_at_dim_minus_two():
     g = jnp.array([4, 1, 3])
     mu = jnp.array([[0.5], [-0.2], [1.0]])
     kw = dict(params={}, rng_key=jax.random.key(0), plate_subsamples={"groups": g})
-    scalar = enum_log_density(model, {"mu": mu}, (x,), **kw)
-    per = enum_log_density(model, {"mu": mu}, (x,), keep_plates={"groups": -2}, batch_rank=2, **kw)
+    scalar = _jit_eld(model, {"mu": mu}, (x,), **kw)
+    per = _jit_eld(model, {"mu": mu}, (x,), keep_plates={"groups": -2}, batch_rank=2, **kw)
     assert per.shape == (3, 1)
     np.testing.assert_allclose(per.sum() * 2.0, scalar, rtol=1e-6)
     lp_c = jnp.stack([jnp.log(0.7), jnp.log(0.3)])
@@ -468,7 +501,7 @@ def test_global_enumerated_site_with_subsampled_local_data():
 
     x = jnp.asarray(np.random.RandomState(3).randn(8))
     idx = jnp.array([0, 5, 2, 7])
-    got = enum_log_density(
+    got = _jit_eld(
         model, {}, (x,), params={}, rng_key=jax.random.key(0), plate_subsamples={"data": idx}
     )
     lik = dist.Normal(jnp.array([-1.0, 1.0]), 1.0).log_prob(x[idx][:, None]).sum(0)
@@ -481,8 +514,8 @@ def test_handler_scale_multiplies_the_contracted_marginal():
     params = _mixture_params()
     locs = jnp.array([-3.0, 0.2, 2.5])
     kw = dict(params=params, rng_key=jax.random.key(0))
-    base = enum_log_density(mixture, {"locs": locs}, (x,), **kw)
-    scaled = enum_log_density(numpyro.handlers.scale(mixture, 0.25), {"locs": locs}, (x,), **kw)
+    base = _jit_eld(mixture, {"locs": locs}, (x,), **kw)
+    scaled = _jit_eld(numpyro.handlers.scale(mixture, 0.25), {"locs": locs}, (x,), **kw)
     np.testing.assert_allclose(scaled, 0.25 * base, rtol=1e-6)
 
 
@@ -535,4 +568,29 @@ def test_keep_plate_must_enclose_every_site():
             rng_key=jax.random.key(0),
             keep_plates={"data": -1},
             batch_rank=1,
+        )
+
+
+def test_enumerated_terms_must_share_one_handler_scale():
+    @config_enumerate
+    def model(x):
+        with numpyro.plate("data", 4):
+            a = numpyro.sample("a", dist.Bernoulli(0.3))
+            with numpyro.handlers.scale(scale=0.5):
+                numpyro.sample("obs", dist.Normal(a * 1.0, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="share one numpyro.handlers.scale"):
+        enum_log_density(model, {}, (jnp.zeros(4),), params={}, rng_key=jax.random.key(0))
+
+
+def test_value_for_a_discrete_site_enumerated_by_scan_is_an_error():
+    with pytest.raises(
+        ValueError, match="'z' is enumerated inside numpyro.contrib.control_flow.scan"
+    ):
+        enum_log_density(
+            hmm_scan,
+            {"loc": jnp.asarray(LOC), "z": jnp.zeros(9, dtype=jnp.int32)},
+            (_hmm_data(10),),
+            params={"trans": jnp.asarray(TRANS)},
+            rng_key=jax.random.key(0),
         )
