@@ -365,6 +365,77 @@ def test_hmm_scan_elbo_equals_markov_elbo():
         assert _max_abs_diff(g, g_ref) < 1e-8
 
 
+S, L = 3, 8
+
+
+def hmm_markov_plated(y):
+    """S independent sequences (plate at dim -1), each with its own offset latent."""
+    trans = jnp.asarray(TRANS)
+    with numpyro.plate("seqs", S, dim=-1):
+        offset = numpyro.sample("offset", dist.Normal(0.0, 1.0))
+        z = None
+        for t in markov(range(L)):
+            p = jnp.asarray(INIT) if t == 0 else trans[z]
+            z = numpyro.sample(f"z_{t}", dist.Categorical(p), infer={"enumerate": "parallel"})
+            numpyro.sample(f"y_{t}", dist.Normal(jnp.asarray(LOC)[z] + offset, 1.0), obs=y[t])
+
+
+def hmm_scan_plated(y):
+    trans = jnp.asarray(TRANS)
+    with numpyro.plate("seqs", S, dim=-1):
+        offset = numpyro.sample("offset", dist.Normal(0.0, 1.0))
+        z0 = numpyro.sample(
+            "z0", dist.Categorical(jnp.asarray(INIT)), infer={"enumerate": "parallel"}
+        )
+        numpyro.sample("y0", dist.Normal(jnp.asarray(LOC)[z0] + offset, 1.0), obs=y[0])
+
+    def step(z, y_t):
+        with numpyro.plate("seqs", S, dim=-1):
+            z = numpyro.sample("z", dist.Categorical(trans[z]))
+            numpyro.sample("y", dist.Normal(jnp.asarray(LOC)[z] + offset, 1.0), obs=y_t)
+        return z, None
+
+    scan(step, z0, y[1:])
+
+
+@pytest.mark.parametrize("model", [hmm_markov_plated, hmm_scan_plated], ids=["markov", "scan"])
+def test_plated_hmm_keep_plates_per_sequence_forward_algorithm(model):
+    """keep_plates on a plate of sequences: one forward-algorithm marginal per sequence."""
+    with jax.enable_x64(True):
+        y = jnp.asarray(np.random.RandomState(4).randn(L, S))
+        offset = jnp.array([0.3, -0.5, 1.1])
+        kw = dict(params={}, rng_key=jax.random.key(0))
+        per = _jit_eld(
+            model, {"offset": offset}, (y,), keep_plates={"seqs": -1}, batch_rank=1, **kw
+        )
+        scalar = _jit_eld(model, {"offset": offset}, (y,), **kw)
+        want = np.array(
+            [
+                _forward(np.asarray(y[:, s]) - float(offset[s]), LOC)
+                + float(dist.Normal(0.0, 1.0).log_prob(offset[s]))
+                for s in range(S)
+            ]
+        )
+        assert per.shape == (S,)
+        np.testing.assert_allclose(per, want, rtol=0, atol=1e-6)
+        assert abs(float(scalar) - want.sum()) < 1e-6
+
+
+def test_unplated_batch_dims_are_summed():
+    @config_enumerate
+    def model():
+        u = numpyro.sample("u", dist.Normal(jnp.zeros(3), 1.0))  # batch (3,), no plate
+        a = numpyro.sample("a", dist.Bernoulli(0.3))
+        numpyro.sample("obs", dist.Normal(u.sum() + a, 1.0), obs=0.7)
+
+    u = jnp.array([0.1, -0.4, 0.2])
+    got = _jit_eld(model, {"u": u}, params={}, rng_key=jax.random.key(0))
+    want = dist.Normal(0.0, 1.0).log_prob(u).sum() + jax.nn.logsumexp(
+        jnp.log(jnp.array([0.7, 0.3])) + dist.Normal(u.sum() + jnp.arange(2.0), 1.0).log_prob(0.7)
+    )
+    assert abs(float(got - want)) < 1e-5
+
+
 # ---------------------------------------------------------------------------
 # Subsampled plate, keep_plates
 # ---------------------------------------------------------------------------
