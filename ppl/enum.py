@@ -213,10 +213,11 @@ def enum_log_density(
     Every latent site of ``model`` takes its value from ``values``, except sites marked
     ``infer={"enumerate": "parallel"}`` that ``values`` lacks: those are summed out
     (``log Σ_e p(x, z, e)``, see the module docstring). Observed sites use their ``obs``.
-    Plates (nested, subsampled), ``mask``, ``scale``, ``numpyro.contrib.funsor.markov``
-    loops and ``numpyro.contrib.control_flow.scan`` chains are handled as NumPyro's
-    ``TraceEnum_ELBO`` does. Traceable: usable under ``jit``, ``vmap`` and ``grad`` (w.r.t.
-    ``values`` and ``params``).
+    Plates (nested, subsampled), ``mask``, ``scale`` and ``numpyro.contrib.funsor.markov``
+    loops are handled as NumPyro's ``TraceEnum_ELBO`` does; ``numpyro.contrib.control_flow
+    .scan`` chains as ``numpyro.contrib.funsor.log_density`` does (``TraceEnum_ELBO`` does
+    not eliminate scan's time dimension). Traceable: usable under ``jit``, ``vmap`` and
+    ``grad`` (w.r.t. ``values`` and ``params``).
 
     :param model: a NumPyro program (e.g. ``config_enumerate(model)``).
     :param values: ``{name: value}`` for every non-enumerated latent site (extra entries,
