@@ -13,8 +13,10 @@ Constructs (all usable only while ``ppl.value_and_grad`` evaluates an objective)
   gradient estimators; returns a :class:`Trace`.
 * :func:`log_density` — the log density of a program at a trace (observed sites scored,
   plates, ``mask``, ``scale`` and subsampling honoured).
-* :func:`particles` — draw ``K`` independent copies of every site (a plate at
-  ``-(batch_rank + 1)``), so that :func:`log_density` returns an array ``[K, ...]``.
+* :func:`particles` — draw ``K`` independent copies of every site: each program inside
+  the block is executed ``K`` times with ``jax.vmap`` (keys split per particle, as NumPyro's
+  ``RenyiELBO`` does), so any model that runs once runs ``K`` times, and
+  :func:`log_density` returns an array ``[K, ...]``.
 * :func:`add_cost` — add a term to the objective's value.
 """
 
@@ -28,13 +30,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 from numpyro.distributions import biject_to, constraints
-from numpyro.handlers import block, replay, seed, trace
+from numpyro.distributions.batch_util import promote_batch_shape
+from numpyro.handlers import replay, seed, trace
 from numpyro.primitives import Messenger
 
+from ppl.sparse import SparseTensor
 from ppl.transforms.estimators import REPARAM, resolve
 
 __all__ = [
@@ -47,8 +50,6 @@ __all__ = [
 ]
 
 _RUNS: list[_Run] = []
-PARTICLE_PLATE = "_particles"
-INNER_PLATE = "_inner"
 
 
 class Setup(NamedTuple):
@@ -59,6 +60,8 @@ class Setup(NamedTuple):
     sample site of model and guide (``{name: dim}``). ``plate_scales``: ``{name: size /
     subsample_size}``. ``model_latents``, ``model_params``, ``guide_params``: site names.
     ``site_shapes``: ``{name: value shape}`` of every sample site outside particles.
+    ``summed_sites``: model sites marked for enumeration that the guide does not sample
+    (summed out exactly whenever ``model_program`` is scored, see :mod:`ppl.enum`).
     """
 
     batch_rank: int
@@ -68,6 +71,8 @@ class Setup(NamedTuple):
     model_params: tuple
     guide_params: tuple
     site_shapes: dict = {}
+    summed_sites: tuple = ()
+    model_program: object = None
 
 
 class _Run:
@@ -90,14 +95,17 @@ class _Run:
         self.num_calls += 1
         return self.num_calls - 1
 
+    def call_base(self, index: int):
+        """The key of the ``index``-th program call (the run's own key for the first)."""
+        return self.rng_key if index == 0 else jax.random.fold_in(self.rng_key, index)
+
     def call_key(self, index: int):
-        """Key of the ``index``-th program execution; index 0 matches NumPyro's Trace_ELBO."""
-        base = self.rng_key if index == 0 else jax.random.fold_in(self.rng_key, index)
-        return jax.random.split(base)[1]
+        """Seed of the ``index``-th sampling call; index 0 matches NumPyro's Trace_ELBO."""
+        return jax.random.split(self.call_base(index))[1]
 
     def score_key(self, index: int):
-        base = self.rng_key if index == 0 else jax.random.fold_in(self.rng_key, index)
-        return jax.random.split(base)[0]
+        """Seed of the ``index``-th replay (NumPyro's ``model_seed``)."""
+        return jax.random.split(self.call_base(index))[0]
 
 
 class SiteRecord(NamedTuple):
@@ -254,12 +262,14 @@ class _sample_sites(Messenger):
     """Sample latent sites with their estimator and put non-reparameterised ones on the tape.
 
     REPARAM sites are drawn with ``rsample`` (gradients flow); other sites are drawn, then
-    ``stop_gradient``-ed, and recorded so that the surrogate can score or replay them.
-    Values forced by a replay (``run.forced[(call, name)]``) replace the draw.
+    ``stop_gradient``-ed, and appended to ``tape`` so that the surrogate can score or replay
+    them. Values in ``forced`` (``{name: value}``, set by a replay) replace the draw.
     """
 
-    def __init__(self, fn=None, run=None, call=0, unobserve=False):
-        self.run, self.call, self.unobserve = run, call, unobserve
+    def __init__(self, fn=None, run=None, call=0, forced=None, tape=None):
+        self.run, self.call = run, call
+        self.forced = forced or {}
+        self.tape = run.tape if tape is None else tape
         super().__init__(fn)
 
     def process_message(self, msg):
@@ -267,19 +277,21 @@ class _sample_sites(Messenger):
             return
         name, fn = msg["name"], msg["fn"]
         est = resolve(msg)
-        key = (self.call, name)
-        if key in self.run.forced:
-            value = self.run.forced[key]
+        shape = msg["kwargs"].get("sample_shape", ())
+        if name in self.forced:
+            value = self.forced[name]
+            natural = tuple(shape) + tuple(fn.batch_shape) + tuple(fn.event_shape)
+            if not isinstance(value, SparseTensor) and jnp.shape(value) != natural:
+                value = jnp.reshape(value, natural)  # drop the padding of the outer layout
         else:
             rng_key = msg["kwargs"]["rng_key"]
-            shape = msg["kwargs"].get("sample_shape", ())
             if isinstance(est, REPARAM):
                 value = fn.rsample(rng_key, shape)
             else:
                 value = jax.lax.stop_gradient(fn.sample(rng_key, shape))
         msg["value"] = value
         if not isinstance(est, REPARAM):
-            self.run.tape.append(SiteRecord(key, len(self.run.tape), msg, est))
+            self.tape.append(SiteRecord((self.call, name), len(self.tape), msg, est))
 
 
 class _unobserve(Messenger):
@@ -307,20 +319,183 @@ class _require_values(Messenger):
             )
 
 
+def lead_shape(run: _Run) -> tuple:
+    """The leading axes of values drawn in ``run``'s current context.
+
+    ``(m, K)`` inside an inner sampler of ``m`` draws (``K = 1`` outside particles),
+    ``(K,)`` inside ``particles(K)``, ``()`` otherwise. Values drawn there are laid out
+    ``[*lead, 1, …, 1, *shape]``: size-1 dims pad each site's batch dims up to the batch
+    rank of the model and guide, so that particle and inner axes line up across sites.
+    """
+    if run.inner is not None:
+        return (run.inner, run.particles or 1)
+    if run.particles is not None:
+        return (run.particles,)
+    return ()
+
+
 @contextlib.contextmanager
-def _plates(run: _Run):
-    """Enter the particle and inner plates that are active in ``run``."""
-    rank = run.setup.batch_rank
-    with block():
-        made = []
-        if run.inner is not None:
-            made.append(numpyro.plate(INNER_PLATE, run.inner, dim=-(rank + 2)))
-        if run.particles is not None:
-            made.append(numpyro.plate(PARTICLE_PLATE, run.particles, dim=-(rank + 1)))
-    with contextlib.ExitStack() as stack:
-        for p in made:
-            stack.enter_context(p)
+def _one_execution(run: _Run):
+    """Inside one vectorised execution the program sees no particle or inner axis."""
+    saved = run.particles, run.inner
+    run.particles = run.inner = None
+    try:
         yield
+    finally:
+        run.particles, run.inner = saved
+
+
+def _array(value):
+    """The array behind a site value (the active values of a :class:`SparseTensor`)."""
+    return value.values if _is_sparse(value) else value
+
+
+def _with_array(value, arr):
+    """``value`` with its array replaced by ``arr`` (a :class:`SparseTensor` keeps its idx)."""
+    return SparseTensor(value.idx, arr, value.dense_shape) if _is_sparse(value) else arr
+
+
+def _is_sparse(value) -> bool:
+    return isinstance(value, SparseTensor)
+
+
+_STATIC_KEYS = ("type", "name", "is_observed", "infer", "cond_indep_stack")
+
+
+def _export(sites, rank: int):
+    """Split one execution's trace into static metadata and its arrays.
+
+    Sample values and distributions are padded with leading size-1 batch dims up to
+    ``rank`` (see :func:`lead_shape`); plate subsamples and the active-set indices of
+    sparse values are returned apart, as they must not vary between executions.
+
+    :returns: ``(meta, arrays, shared)``.
+    """
+    meta, arrays, shared = OrderedDict(), {}, {}
+    for name, site in sites.items():
+        info = {k: site.get(k) for k in _STATIC_KEYS}
+        if site["type"] == "plate":
+            info["args"] = site["args"]
+            shared[name] = site["value"]
+        elif site["type"] == "sample":
+            fn, value = site["fn"], site["value"]
+            batch_ndim = len(jnp.shape(value)) - len(fn.event_shape)
+            pad = rank - batch_ndim
+            if pad < 0:
+                raise ValueError(
+                    f"site {name!r} has batch shape {tuple(jnp.shape(value))[:batch_ndim]} "
+                    f"with more dimensions than the {rank} batch dimensions found when the "
+                    "model and guide were traced"
+                )
+            if len(fn.batch_shape) < rank:
+                fn = fn.expand((1,) * (rank - len(fn.batch_shape)) + tuple(fn.batch_shape))
+            arr = _array(value)
+            info["natural"] = tuple(jnp.shape(arr))
+            info["batch_shape"] = tuple(fn.batch_shape)
+            if _is_sparse(value):
+                info["dense_shape"] = value.dense_shape
+                shared[(name, "idx")] = value.idx
+            info["sample_shape"] = site["kwargs"].get("sample_shape", ())
+            entry = {"value": jnp.reshape(arr, (1,) * pad + jnp.shape(arr)), "fn": fn}
+            for k in ("scale", "mask"):
+                if isinstance(site.get(k), jax.Array):
+                    entry[k] = site[k]
+                else:
+                    info[k] = site.get(k)
+            if site.get("intermediates"):
+                entry["intermediates"] = site["intermediates"]
+            arrays[name] = entry
+        elif site["type"] == "deterministic":
+            arrays[name] = {"value": site["value"]}
+        else:
+            continue
+        meta[name] = info
+    return meta, arrays, shared
+
+
+def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
+    """Rebuild site dicts from :func:`_export`'s parts with leading axes ``lead``."""
+    arrays = jax.tree.map(lambda x: jnp.reshape(x, lead + jnp.shape(x)[1:]), arrays)
+    sites = OrderedDict()
+    for name, info in meta.items():
+        site = {k: v for k, v in info.items() if k not in ("natural", "batch_shape")}
+        if info["type"] == "plate":
+            site["value"] = shared[name]
+        elif info["type"] == "sample":
+            entry = arrays[name]
+            fn = promote_batch_shape(entry["fn"])
+            expected = lead + info["batch_shape"]
+            if tuple(fn.batch_shape) != expected:
+                raise ValueError(
+                    f"site {name!r}: cannot vectorise {type(fn).__name__} over particles "
+                    f"(batch shape {tuple(fn.batch_shape)} after jax.vmap, expected "
+                    f"{expected}); register numpyro.distributions.batch_util."
+                    f"promote_batch_shape for it"
+                )
+            value = entry["value"]
+            if "dense_shape" in info:
+                value = SparseTensor(shared[(name, "idx")], value, info["dense_shape"])
+            site.update(entry, fn=fn, value=value, ppl_lead=lead, ppl_shape=info["natural"])
+            site["kwargs"] = {"sample_shape": info["sample_shape"]}
+            site.pop("sample_shape", None)
+            site.pop("dense_shape", None)
+        else:
+            site["value"] = arrays[name]["value"]
+        sites[name] = site
+    return sites
+
+
+def _per_execution(run: _Run, name, site, lead: tuple):
+    """A site's value as ``[prod(lead), *natural shape]``, one row per execution.
+
+    The value may carry fewer leading axes than ``lead`` (a value drawn outside an inner
+    sampler, used inside it): they are broadcast (right-aligned, as the plates they were).
+    """
+    value = site["value"] if isinstance(site, Mapping) else site
+    arr = _array(value)
+    shape = tuple(jnp.shape(arr))
+    natural = site.get("ppl_shape") if isinstance(site, Mapping) else None
+    own = site.get("ppl_lead") if isinstance(site, Mapping) else None
+    if natural is None:
+        natural = run.setup.site_shapes.get(name)
+        if natural is not None and _is_sparse(value):
+            natural = natural[: len(natural) - len(value.dense_shape)] + (value.nse,)
+        if natural is None or shape == tuple(natural):
+            natural, own = shape, ()
+        elif math.prod(shape) == math.prod(lead) * math.prod(natural):
+            own = lead
+        else:
+            raise ValueError(
+                f"site {name!r}: a value of shape {shape} does not match the site's shape "
+                f"{tuple(natural)} with leading particle axes {lead}"
+            )
+    elif own is None:
+        own = ()
+    arr = jnp.reshape(arr, tuple(own) + tuple(natural))
+    arr = jnp.broadcast_to(arr, tuple(lead) + tuple(natural))
+    return _with_array(value, arr.reshape((math.prod(lead),) + tuple(natural)))
+
+
+def _vectorised(run: _Run, call: int, lead: tuple, body, inputs):
+    """Run ``body(key, inputs_one)`` once per execution of ``lead`` with ``jax.vmap``.
+
+    Seeds as NumPyro's ``RenyiELBO`` does: ``plate_key, key = split(base)``; execution ``i``
+    gets ``split(key, n)[i]`` (its guide seed is ``split(·)[1]``, its replay seed
+    ``split(·)[0]``), and every subsampled plate draws from ``plate_key``, shared by all
+    executions, so that the particles of one objective see the same data elements (a
+    per-element IWELBO averages one element's weights over particles). ``body(key,
+    plate_seed, inputs_one)`` returns ``(batched, shared)``: ``shared`` must not depend on
+    the execution (plate subsamples, active sets).
+    """
+    plate_key, key = jax.random.split(run.call_base(call))
+    keys = jax.random.split(key, math.prod(lead))
+
+    def one(key, inputs_one):
+        plate_seed = seed(rng_seed=plate_key, hide_types=["sample", "prng_key", "control_flow"])
+        with _one_execution(run):
+            return body(key, plate_seed, inputs_one)
+
+    return jax.vmap(one, in_axes=(0, 0), out_axes=(0, None))(keys, inputs)
 
 
 def sample_trace(fn, *args, **kwargs) -> Trace:
@@ -345,28 +520,147 @@ def sample_trace(fn, *args, **kwargs) -> Trace:
     return _run_program(run, fn, args, kwargs)
 
 
-def _run_program(run: _Run, fn, args, kwargs, unobserve=False) -> Trace:
-    call = run.next_call()
-    plates = _plates(run)
-    with trace() as tr, _sample_sites(run=run, call=call), substitute_params(params=run.params):
-        with seed(rng_seed=run.call_key(call)), plates:
-            if unobserve:
-                with _unobserve():
-                    fn(*args, **kwargs)
-            else:
-                fn(*args, **kwargs)
-    return Trace(tr, origin=(fn, args, kwargs, run.particles, run.inner))
+def _sample_body(run, call, fn, args, kwargs, unobserve, given_sites):
+    """The per-execution body of :func:`_run_program` (see :func:`_vectorised`)."""
+    rank = run.setup.batch_rank
+
+    def body(key, plate_seed, inputs):
+        forced, given = inputs
+        tape = []
+        with trace() as tr, _sample_sites(run=run, call=call, forced=forced, tape=tape):
+            with substitute_params(params=run.params), seed(rng_seed=jax.random.split(key)[1]):
+                with plate_seed:
+                    _call(fn, args, kwargs, unobserve, given)
+        body.records = [(r.key, r.estimator) for r in tape]
+        meta, arrays, shared = _export(tr, rank)
+        body.meta = meta
+        return arrays, shared
+
+    return body
 
 
-def replay_program(run: _Run, fn, tr: Trace, args, kwargs, what="the trace") -> OrderedDict:
-    """Replay ``fn`` on the values (and plate subsamples) of ``tr``; return its raw trace."""
+def _call(fn, args, kwargs, unobserve=False, given=None):
+    """``fn(*args, **kwargs)``, with ``given`` (a dict of values) as first argument if set."""
+    if given is not None:
+        args = (given,) + tuple(args)
+    if unobserve:
+        with _unobserve():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _given_values(given):
+    if given is None:
+        return None
+    return {k: (s["value"] if isinstance(s, Mapping) else s) for k, s in given.items()}
+
+
+def _run_program(run: _Run, fn, args, kwargs, unobserve=False, given=None) -> Trace:
+    """Execute ``fn`` once per particle (and inner draw) of ``run``, sampling latent sites.
+
+    :param given: optional ``{name: site or value}`` passed as ``fn``'s first argument
+        (a reverse model's ``z``), split per execution like trace values.
+    """
     call = run.next_call()
-    plates = _plates(run)
-    sites = tr.sites if isinstance(tr, Trace) else tr
-    with trace() as out, _require_values(what=what), substitute_params(params=run.params):
-        with seed(rng_seed=run.score_key(call)), replay(trace=sites), plates:
-            fn(*args, **kwargs)
+    lead = lead_shape(run)
+    forced = {name: v for (c, name), v in run.forced.items() if c == call}
+    origin = (fn, args, kwargs, run.particles, run.inner)
+    if not lead:
+        with trace() as tr, _sample_sites(run=run, call=call, forced=forced, tape=run.tape):
+            with substitute_params(params=run.params), seed(rng_seed=run.call_key(call)):
+                _call(fn, args, kwargs, unobserve, _given_values(given))
+        return Trace(tr, origin=origin)
+    forced_in = {k: _per_execution(run, k, v, lead) for k, v in forced.items()}
+    given_in = None
+    if given is not None:
+        given_in = {k: _per_execution(run, k, s, lead) for k, s in given.items()}
+    body = _sample_body(run, call, fn, args, kwargs, unobserve, given_in is not None)
+    arrays, shared = _vectorised(run, call, lead, body, (forced_in, given_in))
+    sites = _import(body.meta, arrays, shared, lead)
+    for key, est in body.records:
+        run.tape.append(SiteRecord(key, len(run.tape), sites[key[1]], est))
+    return Trace(sites, origin=origin)
+
+
+def _replay_inputs(run, sites, lead):
+    """The latent values of a trace, one row per execution, and its plate sites."""
+    values, plates = {}, OrderedDict()
+    for name, site in sites.items():
+        if site["type"] == "plate":
+            plates[name] = site
+        elif site["type"] == "sample" and not site["is_observed"]:
+            values[name] = _per_execution(run, name, site, lead)
+    return values, plates
+
+
+def _replay_sites(plates, sites, values):
+    """A raw trace for NumPyro's ``replay``: plate subsamples and one execution's values."""
+    out = OrderedDict(plates)
+    for name, value in values.items():
+        infer = sites[name].get("infer") or {}
+        out[name] = {
+            "type": "sample",
+            "name": name,
+            "value": value,
+            "is_observed": False,
+            "infer": infer,
+        }
     return out
+
+
+def _replay_one(run: _Run, fn, sites, args, kwargs, seed_key, what, given=None):
+    """One execution of ``fn`` replayed on the raw trace ``sites``; its raw trace."""
+    with trace() as out, _require_values(what=what), substitute_params(params=run.params):
+        with seed(rng_seed=seed_key), replay(trace=sites):
+            _call(fn, args, kwargs, given=given)
+    return out
+
+
+def _replayed(run: _Run, fn, tr, args, kwargs, what, given, finish):
+    """``finish(raw trace)`` of ``fn`` replayed on ``tr``, once per execution of ``run``.
+
+    ``finish`` returns ``(batched, shared)`` arrays (see :func:`_vectorised`).
+    """
+    call = run.next_call()
+    lead = lead_shape(run)
+    sites = tr.sites if isinstance(tr, Trace) else tr
+    values, plates = _replay_inputs(run, sites, lead)
+    given_in = None
+    if given is not None:
+        given_in = {k: _per_execution(run, k, s, lead) for k, s in given.items()}
+
+    def body(key, plate_seed, inputs):
+        vals, given_one = inputs
+        raw = _replay_sites(plates, sites, vals)
+        out = _replay_one(run, fn, raw, args, kwargs, jax.random.split(key)[0], what, given_one)
+        return finish(out)
+
+    return _vectorised(run, call, lead, body, (values, given_in)), lead
+
+
+def replay_program(run: _Run, fn, tr, args, kwargs, what="the trace", given=None):
+    """Replay ``fn`` on the values (and plate subsamples) of ``tr``; return its raw trace.
+
+    Inside particles (or an inner sampler) ``fn`` is executed once per particle with
+    ``jax.vmap`` and the returned sites carry the leading axes (see :func:`lead_shape`).
+
+    :param given: optional ``{name: site or value}`` passed as ``fn``'s first argument.
+    """
+    if not lead_shape(run):
+        call = run.next_call()
+        sites = tr.sites if isinstance(tr, Trace) else tr
+        seed_key = run.score_key(call)
+        return _replay_one(run, fn, sites, args, kwargs, seed_key, what, _given_values(given))
+    rank = run.setup.batch_rank
+    meta = {}
+
+    def finish(out):
+        m, arrays, shared = _export(out, rank)
+        meta.update(m)
+        return arrays, shared
+
+    (arrays, shared), lead = _replayed(run, fn, tr, args, kwargs, what, given, finish)
+    return _import(meta, arrays, shared, lead)
 
 
 def log_density(fn, trace, *args, keep_particles=True, keep_plates=False, **kwargs):
@@ -404,8 +698,70 @@ def score(run: _Run, fn, trace, args, kwargs, keep_plates=False, register=True):
         return fn._ppl_log_density(run, trace, args, kwargs, keep_plates, register)
     if _same_execution(trace, fn, args, kwargs, run):
         return sum_log_prob(run, trace.sites, keep_plates, register=register)
-    sites = replay_program(run, fn, trace, args, kwargs)
-    return sum_log_prob(run, sites, keep_plates, register=register)
+    if run.setup.summed_sites and getattr(fn, "_ppl_program", fn) is run.setup.model_program:
+        return _score_summed(run, fn, trace, args, kwargs, keep_plates, register)
+    if not lead_shape(run):
+        sites = replay_program(run, fn, trace, args, kwargs)
+        return sum_log_prob(run, sites, keep_plates, register=register)
+
+    def finish(out):  # one execution's log density, without leading axes
+        return sum_log_prob(run, out, keep_plates, register=register), {}
+
+    (out, _), lead = _replayed(run, fn, trace, args, kwargs, "the trace", None, finish)
+    return out.reshape(lead + out.shape[1:])
+
+
+def _score_summed(run: _Run, fn, trace, args, kwargs, keep_plates, register):
+    """:func:`score` of the model with its enumerated sites summed out (:mod:`ppl.enum`),
+    once per execution of ``run`` (particles and inner draws by ``jax.vmap``)."""
+    from ppl.enum import enum_log_density
+
+    call = run.next_call()
+    lead = lead_shape(run)
+    sites = trace.sites if isinstance(trace, Trace) else trace
+    kept = _kept_plates(run, keep_plates)
+    unknown = [p for p, dim in kept.items() if dim is None and p not in run.setup.auto_plates]
+    if unknown:
+        raise ValueError(
+            f"log_density(keep_plates={keep_plates!r}) with enumerated sites summed out can "
+            f"keep only plates enclosing every site ({sorted(run.setup.auto_plates)}), "
+            f"not {unknown}"
+        )
+    kept = {p: run.setup.auto_plates[p] for p in kept}
+    if kept and register:
+        run.kept_plates = set(run.kept_plates or ()) | set(kept)
+    program = substitute_params(fn, params=run.params)
+    rank = run.setup.batch_rank
+
+    def one(values, plates, key):
+        out = enum_log_density(
+            program,
+            values,
+            args,
+            kwargs,
+            rng_key=key,
+            keep_plates=kept or None,
+            plate_subsamples=plates,
+            batch_rank=rank,
+            max_plate_nesting=rank,
+        )
+        if kept:
+            return out
+        return out.reshape(() if keep_plates is False or keep_plates is None else (1,) * rank)
+
+    values, plates = _replay_inputs(run, sites, lead or (1,))
+    plates = {name: site["value"] for name, site in plates.items()}
+    if not lead:
+        values = {k: v[0] for k, v in values.items()}
+        return one(values, plates, run.score_key(call))
+    (out, _) = _vectorised(
+        run,
+        call,
+        lead,
+        lambda key, _, vals: (one(vals, plates, jax.random.split(key)[0]), {}),
+        values,
+    )
+    return out.reshape(lead + out.shape[1:])
 
 
 def _same_execution(trace, fn, args, kwargs, run) -> bool:
@@ -481,8 +837,13 @@ def sum_log_prob(run: _Run, sites, keep_plates=False, names=None, register=True)
 def particles(num_particles: int):
     """Draw ``num_particles`` independent copies of every site sampled inside the block.
 
-    A plate named ``"_particles"`` at dimension ``-(batch_rank + 1)``: values get a leading
-    axis ``[K, ...]`` and :func:`log_density` returns ``f32[K]`` (or ``[K, *plates]``).
+    Every program that :func:`sample_trace` or :func:`log_density` runs inside the block is
+    executed once per particle under ``jax.vmap`` (the program itself sees unbatched
+    values, so ``Phi @ x`` works as it does outside). Particle ``k`` of the first call is
+    seeded with ``split(split(key)[1], K)[k]`` like NumPyro's ``RenyiELBO``; subsampled
+    plates draw one subsample shared by all particles. Values get a leading axis, laid
+    out ``[K, 1, …, 1, *shape]`` (size-1 dims up to the batch rank of model and guide) and
+    :func:`log_density` returns ``f32[K]`` (or ``[K, *plates]``).
 
     Example::
 

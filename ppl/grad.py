@@ -44,6 +44,7 @@ from ppl.dsl import (
     substitute_params,
     unconstrain,
 )
+from ppl.enum import enumerated_sites
 from ppl.transforms.estimators import ENUM, MVD, REINFORCE, elementwise, mvd_rule, resolve
 
 __all__ = ["value_and_grad", "init_params", "constrain_params", "check_data"]
@@ -85,17 +86,26 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
             resolve(site)  # raises for impossible estimator/distribution pairs
     with trace() as mt, substitute_params(params=params), seed(rng_seed=k2), replay(trace=gt):
         _program(model)(*args, **kwargs)
+    summed = tuple(n for n in enumerated_sites(mt) if n not in gt)
     missing = [
         name
         for name, site in mt.items()
-        if site["type"] == "sample" and not site["is_observed"] and name not in gt
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and name not in gt
+        and name not in summed
     ]
     if missing:
         raise ValueError(
             f"the guide is missing latent site(s) {missing} of the model; "
-            f"the guide samples {[n for n, s in gt.items() if s['type'] == 'sample']}"
+            f"the guide samples {[n for n, s in gt.items() if s['type'] == 'sample']} "
+            "(or mark a discrete model site for enumeration with "
+            "infer={'enumerate': 'parallel'} / numpyro.infer.config_enumerate)"
         )
-    sample_sites = [s for tr in (gt, mt) for s in tr.values() if s["type"] == "sample"]
+    _check_match(mt, gt)
+    sample_sites = [
+        s for tr in (gt, mt) for n, s in tr.items() if s["type"] == "sample" and n not in summed
+    ]
     rank = 0
     for s in sample_sites:
         batch_ndim = jnp.ndim(s["value"]) - len(s["fn"].event_shape)
@@ -117,7 +127,9 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
         auto_plates=common or {},
         plate_scales=scales,
         model_latents=tuple(
-            n for n, s in mt.items() if s["type"] == "sample" and not s["is_observed"]
+            n
+            for n, s in mt.items()
+            if s["type"] == "sample" and not s["is_observed"] and n not in summed
         ),
         model_params=tuple(n for n, s in mt.items() if s["type"] == "param"),
         guide_params=tuple(n for n, s in gt.items() if s["type"] == "param"),
@@ -127,7 +139,51 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
             for n, s in tr.items()
             if s["type"] == "sample"
         },
+        summed_sites=summed,
+        model_program=_program(model) if summed else None,
     )
+
+
+def _check_match(model_trace, guide_trace) -> None:
+    """Model and guide agree on every latent site's shape, as NumPyro's ELBOs require.
+
+    The guide's draw must have the model's event shape, the same number of event dims
+    as the guide's own distribution, and a batch shape that the model's batch shape
+    broadcasts to without growing (otherwise the model would silently score a broadcast
+    value: a guide draw of shape (2, 1) against a model site of shape (1, 2)).
+    """
+    for name, site in model_trace.items():
+        if site["type"] != "sample" or site["is_observed"] or name not in guide_trace:
+            continue
+        g = guide_trace[name]
+        if g["type"] != "sample" or g["is_observed"]:
+            continue
+        value = site["value"]
+        shape = tuple(jnp.shape(value))
+        m_event, g_event = tuple(site["fn"].event_shape), tuple(g["fn"].event_shape)
+        if len(m_event) != len(g_event):
+            raise ValueError(
+                f"site {name!r}: model and guide event dims disagree (model event shape "
+                f"{m_event}, guide event shape {g_event}); use .to_event(n) so that both "
+                "treat the same dims as one event"
+            )
+        if shape[len(shape) - len(m_event) :] != m_event:
+            raise ValueError(
+                f"site {name!r}: the guide's value has shape {shape}, but the model's "
+                f"distribution has event shape {m_event}"
+            )
+        batch = shape[: len(shape) - len(m_event)]
+        model_batch = tuple(site["kwargs"].get("sample_shape", ())) + tuple(site["fn"].batch_shape)
+        try:
+            joint = jnp.broadcast_shapes(batch, model_batch)
+        except ValueError:
+            joint = None
+        if joint != batch:
+            raise ValueError(
+                f"site {name!r}: model and guide shapes disagree: the guide's value has "
+                f"batch shape {batch}, the model's distribution batch shape {model_batch} "
+                "(inside its plates); give the guide the model's shape"
+            )
 
 
 # ---------------------------------------------------------------------------

@@ -36,14 +36,15 @@ from ppl.sparse import SparseTensor
 __all__ = ["marginal", "normalize", "log_normalizer", "sample_joint"]
 
 
-def _as_sites(values: dict, template: OrderedDict | None = None) -> OrderedDict:
-    """A minimal raw trace holding ``values`` (and the plate subsamples of ``template``)."""
+def _as_sites(latents: dict, template: OrderedDict | None = None) -> OrderedDict:
+    """A minimal raw trace holding the sample sites ``latents`` (``{name: site dict}``) and
+    the plate subsamples of ``template``."""
     sites = OrderedDict()
     for name, site in (template or {}).items():
         if site["type"] == "plate":
             sites[name] = site
-    for name, value in values.items():
-        sites[name] = {"type": "sample", "value": value, "is_observed": False, "infer": {}}
+    for name, site in latents.items():
+        sites[name] = {**site, "type": "sample", "is_observed": False, "infer": {}}
     return sites
 
 
@@ -162,9 +163,10 @@ class marginal:
             run,
             self.reverse,
             _as_sites(aux_values, template),
-            (z,) + args,
+            args,
             kwargs,
             what="the reverse model's trace",
+            given=z,
         )
         return sum_log_prob(run, sites, _keep_plates(run), names=aux_values, register=False)
 
@@ -174,10 +176,10 @@ class marginal:
         with _InnerPlate(run, count):
             if self.reverse is None:
                 drawn = _run_program(run, self.fn, args, kwargs)
-                aux = {k: v for k, v in drawn.latents.items() if k not in z}
+                aux = {k: drawn[k] for k in drawn.latents if k not in z}
             else:
-                drawn = _run_program(run, self.reverse, (z,) + args, kwargs)
-                aux = drawn.latents
+                drawn = _run_program(run, self.reverse, args, kwargs, given=z)
+                aux = {k: drawn[k] for k in drawn.latents}
             joint = replay_program(run, self.fn, _as_sites({**z, **aux}, template), args, kwargs)
             if self.reverse is None:  # q(z, u) / q(u) = q(z | u)
                 return sum_log_prob(run, joint, kp, names=z, register=False)
@@ -200,12 +202,12 @@ class marginal:
     def _ppl_sample_trace(self, run, args, kwargs):
         full = _run_program(run, self.fn, args, kwargs)
         kept, aux = self._split(run, full)
-        z = {k: full.latents[k] for k in kept}
+        z = {k: full[k] for k in kept}
         kp = _keep_plates(run)
         if not aux:
             w = sum_log_prob(run, full.sites, kp, register=False)
         else:
-            u0 = {k: full.latents[k] for k in aux}
+            u0 = {k: full[k] for k in aux}
             log_joint = sum_log_prob(run, full.sites, kp, register=False)
             w0 = log_joint - self._log_reverse(run, z, u0, full.sites, args, kwargs, full.sites)
             if self.num_inner == 1:
@@ -223,7 +225,7 @@ class marginal:
             sites = trace.sites if isinstance(trace, Trace) else trace
             keep = self.keep if self.keep is not None else run.setup.model_latents
             z = {
-                k: s["value"]
+                k: s
                 for k, s in sites.items()
                 if s["type"] == "sample" and not s["is_observed"] and k in keep
             }

@@ -29,6 +29,7 @@ MODULES = [
     "ppl.transforms.subspace",
     "ppl.inference.ssvi",
     "ppl.models.bnn",
+    "ppl.interop",
 ]
 
 

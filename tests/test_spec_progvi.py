@@ -1174,13 +1174,13 @@ def test_error_reparam_on_discrete():
 
 
 def test_error_mvd_without_rule():
-    def model():
-        r = numpyro.sample("rate", dist.Gamma(2.0, 2.0))
+    def model():  # Gamma has a rule now; Beta has none
+        r = numpyro.sample("rate", dist.Beta(2.0, 2.0))
         numpyro.sample("x", dist.Poisson(r), obs=3.0)
 
     def guide():
         a = numpyro.param("a", 1.0, constraint=constraints.positive)
-        numpyro.sample("rate", dist.Gamma(a, 2.0))
+        numpyro.sample("rate", dist.Beta(a, 2.0))
 
     _raises("rate", O.elbo, model, estimators(guide, {"rate": MVD()}), {"a": jnp.array(0.0)})
 
