@@ -23,6 +23,7 @@ Constructs (all usable only while ``ppl.value_and_grad`` evaluates an objective)
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -200,8 +201,15 @@ def log_prob(fn, value):
 
 
 def site_log_prob(site):
-    """The unscaled log density of a sample site's value, zero where the site is masked."""
-    lp = log_prob(site["fn"], site["value"])
+    """The unscaled log density of a sample site's value, zero where the site is masked.
+
+    A site drawn with intermediates (a normalizing flow such as BNAF) is scored with them,
+    as NumPyro does: its inverse transform need not be tractable.
+    """
+    if site.get("intermediates"):
+        lp = site["fn"].log_prob(site["value"], site["intermediates"])
+    else:
+        lp = log_prob(site["fn"], site["value"])
     if site.get("mask") is not None:
         lp = jnp.where(site["mask"], lp, 0.0)
     return lp
@@ -285,8 +293,8 @@ class _sample_sites(Messenger):
                 value = jnp.reshape(value, natural)  # drop the padding of the outer layout
         else:
             rng_key = msg["kwargs"]["rng_key"]
-            if isinstance(est, REPARAM):
-                value = fn.rsample(rng_key, shape)
+            if isinstance(est, REPARAM):  # the flow's intermediates score it (BNAF)
+                value, msg["intermediates"] = fn.sample_with_intermediates(rng_key, shape)
             else:
                 value = jax.lax.stop_gradient(fn.sample(rng_key, shape))
         msg["value"] = value
@@ -423,8 +431,8 @@ def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
             site["value"] = shared[name]
         elif info["type"] == "sample":
             entry = arrays[name]
-            fn = promote_batch_shape(entry["fn"])
             expected = lead + info["batch_shape"]
+            fn = _promoted(entry["fn"], expected)
             if tuple(fn.batch_shape) != expected:
                 raise ValueError(
                     f"site {name!r}: cannot vectorise {type(fn).__name__} over particles "
@@ -443,6 +451,20 @@ def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
             site["value"] = arrays[name]["value"]
         sites[name] = site
     return sites
+
+
+def _promoted(fn, expected: tuple):
+    """``fn`` returned by ``jax.vmap``, with the batch shape its batched leaves have."""
+    out = promote_batch_shape(fn)
+    if tuple(out.batch_shape) != expected and isinstance(out, dist.TransformedDistribution):
+        # a flow's batch shape is its base's: promote the base, keep the transforms
+        out = copy.copy(out)
+        out.base_dist = _promoted(
+            out.base_dist,
+            expected[: len(expected) - len(fn.batch_shape)] + tuple(out.base_dist.batch_shape),
+        )
+        out._batch_shape = expected
+    return out
 
 
 def _per_execution(run: _Run, name, site, lead: tuple):
@@ -495,7 +517,13 @@ def _vectorised(run: _Run, call: int, lead: tuple, body, inputs):
         with _one_execution(run):
             return body(key, plate_seed, inputs_one)
 
-    return jax.vmap(one, in_axes=(0, 0), out_axes=(0, None))(keys, inputs)
+    # a sparse value's active set is one for all executions: map its values only
+    axes = jax.tree.map(
+        lambda x: SparseTensor(None, 0, x.dense_shape) if _is_sparse(x) else 0,
+        inputs,
+        is_leaf=_is_sparse,
+    )
+    return jax.vmap(one, in_axes=(0, axes), out_axes=(0, None))(keys, inputs)
 
 
 def sample_trace(fn, *args, **kwargs) -> Trace:

@@ -22,6 +22,7 @@ KL over the active set; the inactive coordinates contribute ``KL(δ₀‖δ₀) 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.distributions.kl import kl_divergence
 
 __all__ = [
@@ -380,6 +382,18 @@ class SparseNormal(dist.Distribution):
     def entropy(self):
         h = 0.5 + 0.5 * math.log(2 * math.pi) + jnp.log(self.scale)
         return jnp.sum(jnp.broadcast_to(h, self.batch_shape + (self.nse,)), axis=-1)
+
+
+@promote_batch_shape.register
+def _promote_sparse_normal(d: SparseNormal):
+    """The batch shape of a :class:`SparseNormal` returned by ``jax.vmap`` (the active set
+    is one for all executions: ``vmap`` broadcast it, every row is the same)."""
+    new = copy.copy(d)
+    if jnp.ndim(d.idx) > 1:
+        new.idx = jnp.reshape(d.idx, (-1, d.nse))[0]
+    full = jnp.broadcast_shapes(jnp.shape(d.loc), jnp.shape(d.scale), (d.nse,))
+    new._batch_shape = full[:-1]
+    return new
 
 
 @kl_divergence.register(SparseNormal, SparseNormal)
