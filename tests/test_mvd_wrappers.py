@@ -154,9 +154,18 @@ def _assert_mean(samples, target, label, k=4.0):
 
 
 CASES = [(f, w) for f in FAMILIES for w in WRAPPERS]
+# The default suite checks every family through a plate (the ExpandedDistribution)
+# and through Independent(Masked(Expanded)); the other wrappers run with -m slow.
+DEFAULT = {"plate", "event_mask"}
 
 
-@pytest.mark.parametrize("family,wrapper", CASES)
+@pytest.mark.parametrize(
+    "family,wrapper",
+    [
+        pytest.param(f, w, marks=() if w in DEFAULT else pytest.mark.slow, id=f"{f}-{w}")
+        for f, w in CASES
+    ],
+)
 def test_mvd_gradient_matches_closed_form(family, wrapper):
     guide, params, shape, weight = _build(family, wrapper, MVD())
     seed = 1000 + CASES.index((family, wrapper))
@@ -168,6 +177,7 @@ def test_mvd_gradient_matches_closed_form(family, wrapper):
         print(f"{family}/{wrapper} d/d{k}: {np.round(mean, 4)} ± {np.round(se, 4)} vs {grad[k]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["normal", "lognormal", "gamma"])
 def test_uncoupled_mvd_is_unbiased_too(family):
     guide, params, shape, weight = _build(family, "plate", MVD(coupled=False))
