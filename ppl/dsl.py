@@ -410,7 +410,9 @@ def _export(sites, rank: int):
                     entry[k] = site[k]
                 else:
                     info[k] = site.get(k)
-            if site.get("intermediates"):
+            if site.get("intermediates") and pad == 0:
+                # intermediates are laid out like the unpadded value; a padded site is
+                # scored by the flow's inverse instead
                 entry["intermediates"] = site["intermediates"]
             arrays[name] = entry
         elif site["type"] == "deterministic":

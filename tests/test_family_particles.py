@@ -229,12 +229,6 @@ BUG_Y0 = (
     ".to_event(1), gets batch shape (K,) from promote_batch_shape after jax.vmap, (K, P) "
     "expected; ppl.dsl._import raises ValueError"
 )
-BUG_LOGNORMAL = (
-    "library bug (since 3994bfa): a LogNormal guide site outside the data plate keeps its "
-    "intermediates at [K, ...] while its value is laid out [K, 1, ...]; scoring it with "
-    "them (ppl.dsl.site_log_prob) broadcasts [K, K] against [K, 1] and raises ValueError"
-)
-
 # name -> (build, xfail reason or None); build() -> (model, guide, args, keep) where keep
 # is the dim of a plate enclosing every site of model and guide (None: there is none).
 CASES = {
@@ -300,7 +294,7 @@ CASES = {
             (KR_Y,),
             None,
         ),
-        BUG_LOGNORMAL,
+        None,
     ),
     "state_space": (lambda: (state_space(ssm_model), ssm_guide, (SSM_Y,), -1), None),
     "state_space_latent_ell": (
