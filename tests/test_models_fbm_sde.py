@@ -45,19 +45,35 @@ def _exact_bridge_evidence(sde, hurst=0.7):
     return -0.5 * math.log(2 * math.pi * (var + 0.01))
 
 
+def _guide_and_model_on_the_guides_draw(sde, ts, ys, site):
+    """Trace the guide (seed 0), then the model (seed 1) on the guide's values; return
+    ``(log q, log p)`` of the guide's draw at ``site`` and both traces' ``x``. Compiled as one
+    program (op-by-op, the Euler scans dominate these tests' time)."""
+
+    @jax.jit
+    def run(ts, ys):
+        gt = trace(seed(sde.guide, 0)).get_trace(ts, ys)
+        data = {k: v["value"] for k, v in gt.items()}
+        mt = trace(substitute(seed(sde.model, 1), data=data)).get_trace(ts, ys)
+        v = gt[site]["value"]
+        return (
+            gt[site]["fn"].log_prob(v),
+            mt[site]["fn"].log_prob(v),
+            gt["x"]["value"],
+            mt["x"]["value"],
+        )
+
+    return run(ts, ys)
+
+
 def test_zero_control_gives_zero_path_kl():
     """Spec test 6: the zero-initialised control makes the guide's increments the prior's."""
     sde = LatentSDE(dim=2, hurst=0.3, drift="ou", horizon=1.0, dt=0.04, width=8)
     ts = jnp.linspace(0.1, 1.0, 10)
     ys = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, 2)))
-    gt = trace(seed(sde.guide, 0)).get_trace(ts, ys)
-    mt = trace(substitute(seed(sde.model, 1), data={k: v["value"] for k, v in gt.items()}))
-    mt = mt.get_trace(ts, ys)
-    site = "x.dW"
-    log_q = gt[site]["fn"].log_prob(gt[site]["value"])
-    log_p = mt[site]["fn"].log_prob(gt[site]["value"])
+    log_q, log_p, x_q, x_p = _guide_and_model_on_the_guides_draw(sde, ts, ys, "x.dW")
     np.testing.assert_allclose(log_q, log_p, rtol=0, atol=1e-4 * float(jnp.abs(log_p).max()))
-    np.testing.assert_allclose(gt["x"]["value"], mt["x"]["value"], atol=1e-6)
+    np.testing.assert_allclose(x_q, x_p, atol=1e-6)
 
 
 def test_constant_control_kl_and_mean_shift():
@@ -145,12 +161,8 @@ def test_noise_scale_guide_starts_at_the_prior_and_bounds_the_evidence():
     than the drift-only guide's after the same steps (seed 0, 2 × 256 sequences)."""
     ts, ys = jnp.array([2.0]), jnp.zeros((256, 1, 1))
     sde = _bridge(noise_scale=True)
-    gt = trace(seed(sde.guide, 0)).get_trace(ts, ys)
-    mt = trace(substitute(seed(sde.model, 1), data={k: v["value"] for k, v in gt.items()}))
-    v = gt["x.dW"]["value"]
-    np.testing.assert_allclose(
-        gt["x.dW"]["fn"].log_prob(v), mt.get_trace(ts, ys)["x.dW"]["fn"].log_prob(v), rtol=1e-5
-    )
+    log_q, log_p, _, _ = _guide_and_model_on_the_guides_draw(sde, ts, ys, "x.dW")
+    np.testing.assert_allclose(log_q, log_p, rtol=1e-5)
     exact = _exact_bridge_evidence(sde)
     gaps = {}
     for scaled in (True, False):
@@ -287,15 +299,19 @@ def test_every_hurst_option_gives_a_finite_elbo_in_two_dims(hurst):
     ts = jnp.array([0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 2)))
     params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
-    value, grads = ppl.value_and_grad(ppl.objectives.elbo, sde.model, sde.guide)(
+    value, grads = jax.jit(ppl.value_and_grad(ppl.objectives.elbo, sde.model, sde.guide))(
         params, jax.random.PRNGKey(1), ts, ys
     )
     assert np.isfinite(float(value))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
     if hurst == "bm":
         sigma = {"sigma": jnp.ones(2)}
-        tr = trace(seed(substitute(sde.model, sigma), 2)).get_trace(ts, num_sequences=4000)
-        var = np.var(np.asarray(tr["x"]["value"]), axis=0)  # [T, D]
+        prior_x = jax.jit(
+            lambda ts: trace(seed(substitute(sde.model, sigma), 2)).get_trace(
+                ts, num_sequences=4000
+            )["x"]["value"]
+        )
+        var = np.var(np.asarray(prior_x(ts)), axis=0)  # [T, D]
         np.testing.assert_allclose(var, np.array([[0.5, 0.5], [1.0, 1.0]]),
                                    rtol=4 * math.sqrt(2 / 4000))  # fmt: skip
 
@@ -355,10 +371,14 @@ def test_paths_on_the_grid_reproduce_the_guide_at_observation_times(fbm_type):
     ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 2)))
     params = _nonzero_control_params(sde, ts, ys)  # increments that are not prior draws
     grid, xs = sde.paths(params, jax.random.PRNGKey(3), ts, ys)
-    tr = trace(seed(substitute(sde.guide, data=params), jax.random.PRNGKey(3))).get_trace(ts, ys)
+    guide_x = jax.jit(
+        lambda params, ts, ys: trace(
+            seed(substitute(sde.guide, data=params), jax.random.PRNGKey(3))
+        ).get_trace(ts, ys)["x"]["value"]
+    )
     assert grid.shape == (51,) and xs.shape == (51, 4, 2)
     idx = np.array([10, 25, 50])
-    np.testing.assert_allclose(np.moveaxis(np.asarray(xs[idx]), 0, 1), tr["x"]["value"],
+    np.testing.assert_allclose(np.moveaxis(np.asarray(xs[idx]), 0, 1), guide_x(params, ts, ys),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
