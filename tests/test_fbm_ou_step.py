@@ -7,6 +7,7 @@ constant control (spec test 6), the H = ½ reduction, and the ELBO of the zero c
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,24 +111,42 @@ def _bridge(ou_step, dt=0.1):
     )  # fmt: skip
 
 
+def _init_params(sde, ts, ys):
+    """``ppl.init_params`` (key 0) compiled as one program (op by op, tracing the model's and
+    the guide's scans takes seconds)."""
+
+    @eqx.filter_jit
+    def init(ts, ys):
+        return ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+
+    return init(ts, ys)
+
+
 def test_guide_and_model_share_the_exact_path():
     """Under markov_fbm(ou_step="exact") both programs have the ``x.resid`` site, and the
     model replayed on a guide draw has the guide's path (the one the prior's scheme gives
     for those sites)."""
     sde = _bridge("exact")
     ts, ys = jnp.array([1.0, 2.0]), jnp.zeros((3, 2, 1))
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     params = jax.tree.map(lambda v: v + 0.3, params)  # a non-zero control
+    shared = {}
 
-    g_tr = trace(seed(substitute(sde.guide, data=params), 1)).get_trace(ts, ys)
-    m_tr = trace(replay(substitute(sde.model, data=params), g_tr)).get_trace(ts, ys)
-    assert g_tr["x.resid"]["value"].shape == (3, 20, 1, 5)
-    assert m_tr["x.resid"]["value"] is g_tr["x.resid"]["value"]
-    sde_m = sde.markov(params, 2.0)
-    resid = jnp.moveaxis(g_tr["x.resid"]["value"], -3, 0)
-    dw = jnp.moveaxis(g_tr["x.dW"]["value"], -2, 0)
-    xs = sde_m.euler(jnp.zeros((3, 1)), g_tr["x.y0"]["value"], dw, 0.1, resid=resid)[0]
-    np.testing.assert_allclose(m_tr["x"]["value"][:, :, 0], xs[jnp.array([10, 20]), :, 0].T,
+    @jax.jit  # one program; the identity of the replayed value is recorded while tracing
+    def run(params, ts, ys):
+        g_tr = trace(seed(substitute(sde.guide, data=params), 1)).get_trace(ts, ys)
+        m_tr = trace(replay(substitute(sde.model, data=params), g_tr)).get_trace(ts, ys)
+        shared["resid"] = m_tr["x.resid"]["value"] is g_tr["x.resid"]["value"]
+        sde_m = sde.markov(params, 2.0)
+        resid = jnp.moveaxis(g_tr["x.resid"]["value"], -3, 0)
+        dw = jnp.moveaxis(g_tr["x.dW"]["value"], -2, 0)
+        xs = sde_m.euler(jnp.zeros((3, 1)), g_tr["x.y0"]["value"], dw, 0.1, resid=resid)[0]
+        return g_tr["x.resid"]["value"], m_tr["x"]["value"], xs
+
+    g_resid, m_x, xs = run(params, ts, ys)
+    assert g_resid.shape == (3, 20, 1, 5)
+    assert shared["resid"]
+    np.testing.assert_allclose(m_x[:, :, 0], xs[jnp.array([10, 20]), :, 0].T,
                                rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
@@ -139,7 +158,7 @@ def test_zero_control_elbo_is_the_closed_form():
     sde = _bridge("exact")
     b = 512
     ts, ys = jnp.array([2.0]), jnp.full((b, 1, 1), 0.4)
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     m = sde.markov(params, 2.0)
     v = float(ma_covariance(2.0, 2.0, m.gammas, m.omega, "I"))
     s2 = 0.25

@@ -45,6 +45,17 @@ def _exact_bridge_evidence(sde, hurst=0.7):
     return -0.5 * math.log(2 * math.pi * (var + 0.01))
 
 
+def _init_params(sde, ts, ys):
+    """``ppl.init_params`` (key 0) compiled as one program: op by op, tracing the Euler scans
+    of the model and the guide takes seconds per call."""
+
+    @eqx.filter_jit
+    def init(ts, ys):
+        return ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+
+    return init(ts, ys)
+
+
 def _guide_and_model_on_the_guides_draw(sde, ts, ys, site):
     """Trace the guide (seed 0), then the model (seed 1) on the guide's values; return
     ``(log q, log p)`` of the guide's draw at ``site`` and both traces' ``x``. Compiled as one
@@ -182,7 +193,7 @@ def test_elbo_and_iwelbo_below_exact_bridge_evidence():
     up to 3 standard errors (512 sequences = independent estimates, seed 0)."""
     sde = _bridge()
     ts, ys = jnp.array([2.0]), jnp.zeros((512, 1, 1))
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     exact = _exact_bridge_evidence(sde)
     for objective in (ppl.objectives.elbo, ppl.objectives.iwelbo(8)):
         f = jax.jit(ppl.value_and_grad(objective, sde.model, sde.guide))
@@ -298,7 +309,7 @@ def test_every_hurst_option_gives_a_finite_elbo_in_two_dims(hurst):
     sde = LatentSDE(dim=2, hurst=hurst, drift=ZERO, x0=0.0, horizon=1.0, dt=0.025, width=8)
     ts = jnp.array([0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 2)))
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     value, grads = jax.jit(ppl.value_and_grad(ppl.objectives.elbo, sde.model, sde.guide))(
         params, jax.random.PRNGKey(1), ts, ys
     )
@@ -332,7 +343,7 @@ def test_video_model_elbo_runs_and_decoder_renders_frames():
         assert abs(r - centre[0]) <= 1 and abs(c - centre[1]) <= 1
     ts, ys = jnp.asarray(data["ts"]), jnp.asarray(data["ys"])
     sde = video_sde(size=16, horizon=float(ts[-1]), width=8, features=8)
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     f = jax.jit(ppl.value_and_grad(ppl.objectives.elbo, sde.model, sde.guide))
     value, grads = f(params, jax.random.PRNGKey(1), ts, ys)
     assert np.isfinite(float(value))
@@ -344,10 +355,8 @@ def test_video_model_elbo_runs_and_decoder_renders_frames():
 def _nonzero_control_params(sde, ts, ys, seed=2):
     """Constrained initial params with non-zero last layers of the control MLP and of the
     gain schedule (seeded)."""
-    params = ppl.constrain_params(
-        ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys),
-        sde.model, sde.guide, ts, ys,
-    )  # fmt: skip
+    constrain = eqx.filter_jit(lambda p: ppl.constrain_params(p, sde.model, sde.guide, ts, ys))
+    params = constrain(_init_params(sde, ts, ys))
     for i, name in enumerate(n for n in ("control$params", "gains$params") if n in params):
         last = params[name].layers[-1]
         params[name] = eqx.tree_at(
@@ -442,7 +451,7 @@ def test_expected_kl_gradient_same_value_same_mean_lower_variance():
     for mode in ("exact", "expected"):
         sde = LatentSDE(dim=1, hurst=0.7, drift="ou", horizon=1.0, dt=0.05, gamma_max=5.0,
                         width=4, obs_sd=0.5, kl_gradient=mode)  # fmt: skip
-        params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+        params = _init_params(sde, ts, ys)
         w = params["control$params"].layers[-1].weight
         params["control$params"] = eqx.tree_at(
             lambda m: m.layers[-1].weight, params["control$params"],
@@ -524,7 +533,7 @@ def test_shared_path_gives_the_same_elbo_and_gradient_with_one_scan_fewer():
     sde = LatentSDE(dim=1, hurst=None, drift="ou", horizon=1.0, dt=0.02, width=8)
     ts = jnp.array([0.2, 0.5, 1.0])
     ys = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3, 1)))
-    params = ppl.init_params(jax.random.PRNGKey(0), sde.model, sde.guide, ts, ys)
+    params = _init_params(sde, ts, ys)
     nonzero = _nonzero_control_params(sde, ts, ys)
     params.update({k: nonzero[k] for k in ("control$params", "gains$params")})
 
