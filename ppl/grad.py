@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from numpyro.handlers import replay, seed, trace
+from numpyro.handlers import replay, seed, substitute, trace
 
 from ppl.dsl import (
     Setup,
@@ -548,7 +548,9 @@ def init_params(rng_key, model, guide, *args, **kwargs) -> dict:
     check_data(*args, **kwargs)
     keys = jax.random.split(rng_key, 4)
     gt = trace(seed(_program(guide), keys[0])).get_trace(*args, **kwargs)
-    mt = trace(replay(seed(_program(model), keys[1]), gt)).get_trace(*args, **kwargs)
+    shared = {n: s["value"] for n, s in gt.items() if s["type"] == "param"}
+    model_fn = substitute(replay(seed(_program(model), keys[1]), gt), data=shared)
+    mt = trace(model_fn).get_trace(*args, **kwargs)  # a model param may take the guide's
     traces = [gt]
     extra = getattr(guide, "_ppl_init_traces", None)
     if extra is not None:

@@ -1753,6 +1753,7 @@ SELFCHECK = [
 ]
 
 
+@pytest.mark.slow  # 28 statistical checks of the test's own brute-force engine
 @pytest.mark.parametrize("case", SELFCHECK, ids=[c.name for c in SELFCHECK])
 def test_reference_selfcheck(case):
     """The references used above agree with NumPyro (and brute force) wherever they can."""
