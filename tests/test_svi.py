@@ -458,7 +458,7 @@ def four_devices(tmp_path_factory):
     script.write_text(_SHARDED)
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
     }
     ref = tmp / "ref40.npy"
@@ -496,7 +496,7 @@ def test_two_processes_with_jax_distributed_equal_one_process(tmp_path, four_dev
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
     }
     ck = str(tmp_path / "ck")
     procs = [
