@@ -206,10 +206,7 @@ def site_log_prob(site):
     A site drawn with intermediates (a normalizing flow such as BNAF) is scored with them,
     as NumPyro does: its inverse transform need not be tractable.
     """
-    if site.get("intermediates"):
-        lp = site["fn"].log_prob(site["value"], site["intermediates"])
-    else:
-        lp = log_prob(site["fn"], site["value"])
+    lp = _raw_log_prob(site)
     if site.get("mask") is not None:
         lp = jnp.where(site["mask"], lp, 0.0)
     return lp
@@ -405,6 +402,10 @@ def _export(sites, rank: int):
                 shared[(name, "idx")] = value.idx
             info["sample_shape"] = site["kwargs"].get("sample_shape", ())
             entry = {"value": jnp.reshape(arr, (1,) * pad + jnp.shape(arr)), "fn": fn}
+            if not _exportable(fn):  # keep its log density at the draw, not the law
+                lp = _raw_log_prob(site)
+                entry["fn"] = jnp.reshape(lp, (1,) * (rank - jnp.ndim(lp)) + jnp.shape(lp))
+                info["scored"] = (type(site["fn"]).__name__, tuple(fn.event_shape))
             for k in ("scale", "mask"):
                 if isinstance(site.get(k), jax.Array):
                     entry[k] = site[k]
@@ -434,7 +435,10 @@ def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
         elif info["type"] == "sample":
             entry = arrays[name]
             expected = lead + info["batch_shape"]
-            fn = _promoted(entry["fn"], expected)
+            if "scored" in info:
+                fn = _Scored(entry["fn"], info["scored"][1], info["scored"][0])
+            else:
+                fn = _promoted(entry["fn"], expected)
             if tuple(fn.batch_shape) != expected:
                 raise ValueError(
                     f"site {name!r}: cannot vectorise {type(fn).__name__} over particles "
@@ -448,11 +452,60 @@ def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
             site.update(entry, fn=fn, value=value, ppl_lead=lead, ppl_shape=info["natural"])
             site["kwargs"] = {"sample_shape": info["sample_shape"]}
             site.pop("sample_shape", None)
+            site.pop("scored", None)
             site.pop("dense_shape", None)
         else:
             site["value"] = arrays[name]["value"]
         sites[name] = site
     return sites
+
+
+def _exportable(fn) -> bool:
+    """Whether ``fn`` can leave ``jax.vmap``: no array among its static (aux) fields."""
+    while fn is not None:
+        for field in getattr(type(fn), "pytree_aux_fields", ()):
+            if any(isinstance(x, jax.Array) for x in jax.tree.leaves(getattr(fn, field, None))):
+                return False
+        fn = getattr(fn, "base_dist", None)
+    return True
+
+
+def _raw_log_prob(site):
+    """The unmasked, unscaled log density of a site at its value."""
+    if site.get("intermediates"):
+        return site["fn"].log_prob(site["value"], site["intermediates"])
+    return log_prob(site["fn"], site["value"])
+
+
+class _Scored(dist.Distribution):
+    """Stand-in, after ``jax.vmap``, for a law whose static fields hold arrays (so it cannot
+    be batched, e.g. a controlled SDE's increments): it holds the log density of each
+    execution's draw, ``[*lead, *batch]``, and scores only that draw."""
+
+    pytree_data_fields = ("lp",)
+    pytree_aux_fields = ("law",)
+
+    def __init__(self, lp, event_shape, law):
+        self.lp, self.law = lp, law
+        super().__init__(batch_shape=jnp.shape(lp), event_shape=tuple(event_shape))
+
+    def log_prob(self, value):
+        return self.lp
+
+    def sample(self, key, sample_shape=()):
+        raise ValueError(f"a {self.law} drawn inside ppl.particles can only be scored")
+
+
+@promote_batch_shape.register
+def _promote_independent(d: dist.Independent):
+    # NumPyro 0.22 drops ``d.event_dim`` batch dims (the base's event dims counted again),
+    # e.g. MultivariateNormal(...).expand((4, 1)).to_event(1) after vmap over 3 gets batch
+    # shape (3,) instead of (3, 4); only the reinterpreted dims leave the batch shape.
+    new = copy.copy(d)
+    new.base_dist = promote_batch_shape(d.base_dist)
+    shape = tuple(new.base_dist.batch_shape)
+    new._batch_shape = shape[: len(shape) - d.reinterpreted_batch_ndims]
+    return new
 
 
 def _promoted(fn, expected: tuple):

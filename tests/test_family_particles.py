@@ -220,15 +220,6 @@ def _sparse_case():
     return model_r, guide_r
 
 
-BUG_FBM = (
-    "library bug: markov_fbm's guide site x.dW (ControlledIncrements, every field a pytree "
-    "aux field) cannot be vectorised over particles; ppl.dsl._import raises ValueError"
-)
-BUG_Y0 = (
-    "library bug: markov_fbm's type-I site x.y0, MultivariateNormal.expand((P, 1))"
-    ".to_event(1), gets batch shape (K,) from promote_batch_shape after jax.vmap, (K, P) "
-    "expected; ppl.dsl._import raises ValueError"
-)
 # name -> (build, xfail reason or None); build() -> (model, guide, args, keep) where keep
 # is the dim of a plate enclosing every site of model and guide (None: there is none).
 CASES = {
@@ -248,7 +239,7 @@ CASES = {
             (FBM_Y,),
             -1,
         ),
-        BUG_FBM,
+        None,
     ),
     "markov_fbm_type_I": (
         lambda: (
@@ -257,7 +248,7 @@ CASES = {
             (FBM_Y,),
             -1,
         ),
-        BUG_Y0,
+        None,
     ),
     "infinite_width+scale_mixture": (
         lambda: (
