@@ -283,11 +283,8 @@ class _sample_sites(Messenger):
         name, fn = msg["name"], msg["fn"]
         est = resolve(msg)
         shape = msg["kwargs"].get("sample_shape", ())
-        if name in self.forced:
+        if name in self.forced:  # already in the site's own shape (see _per_execution)
             value = self.forced[name]
-            natural = tuple(shape) + tuple(fn.batch_shape) + tuple(fn.event_shape)
-            if not isinstance(value, SparseTensor) and jnp.shape(value) != natural:
-                value = jnp.reshape(value, natural)  # drop the padding of the outer layout
         else:
             rng_key = msg["kwargs"]["rng_key"]
             if isinstance(est, REPARAM):  # the flow's intermediates score it (BNAF)
@@ -522,6 +519,15 @@ def _promoted(fn, expected: tuple):
     return out
 
 
+def natural_shape(run: _Run, name, value):
+    """The shape of site ``name``'s array outside particles (``None`` if unknown): the
+    traced value shape, with a :class:`SparseTensor`'s dense shape replaced by its ``nse``."""
+    natural = run.setup.site_shapes.get(name)
+    if natural is not None and _is_sparse(value):
+        natural = natural[: len(natural) - len(value.dense_shape)] + (value.nse,)
+    return natural
+
+
 def _per_execution(run: _Run, name, site, lead: tuple):
     """A site's value as ``[prod(lead), *natural shape]``, one row per execution.
 
@@ -534,9 +540,7 @@ def _per_execution(run: _Run, name, site, lead: tuple):
     natural = site.get("ppl_shape") if isinstance(site, Mapping) else None
     own = site.get("ppl_lead") if isinstance(site, Mapping) else None
     if natural is None:
-        natural = run.setup.site_shapes.get(name)
-        if natural is not None and _is_sparse(value):
-            natural = natural[: len(natural) - len(value.dense_shape)] + (value.nse,)
+        natural = natural_shape(run, name, value)
         if natural is None or shape == tuple(natural):
             natural, own = shape, ()
         elif math.prod(shape) == math.prod(lead) * math.prod(natural):

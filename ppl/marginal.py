@@ -26,6 +26,7 @@ from ppl.dsl import (
     _run_program,
     check_count,
     current_run,
+    natural_shape,
     replay_program,
     sample_trace,
     score,
@@ -302,9 +303,7 @@ class normalize:
             idx = idx.reshape((1,) * (axis + 1) + idx.shape + (1,) * event)
             idx = jnp.broadcast_to(idx, value.shape[:axis] + (1,) + value.shape[axis + 1 :])
             picked = jnp.take_along_axis(value, idx, axis=axis).squeeze(axis)
-            natural = run.setup.site_shapes.get(name)
-            if sparse is not False and natural is not None:
-                natural = natural[: len(natural) - len(sparse.dense_shape)] + (sparse.nse,)
+            natural = natural_shape(run, name, site["value"])
             if natural is not None and math.prod(natural) == picked.size:
                 picked = picked.reshape(natural)  # drop the padding the particle plate added
             if sparse is not False:
