@@ -63,6 +63,12 @@ class Setup(NamedTuple):
     ``site_shapes``: ``{name: value shape}`` of every sample site outside particles.
     ``summed_sites``: model sites marked for enumeration that the guide does not sample
     (summed out exactly whenever ``model_program`` is scored, see :mod:`ppl.enum`).
+    ``spread_plates``: ``{name: (dim, subsample size)}``, the plates that
+    ``log_density(..., keep_plates="spread")`` keeps (every plate some sample site is in,
+    each at its own dim). ``nonlocal_plates``: ``{site name: plate names}``, the plates of a
+    non-reparameterised guide site along which some log-density term outside the plate
+    depends on the site's value (found by provenance tracking), so that the site's elements
+    along them cannot each be given their own learning signal.
     """
 
     batch_rank: int
@@ -74,6 +80,8 @@ class Setup(NamedTuple):
     site_shapes: dict = {}
     summed_sites: tuple = ()
     model_program: object = None
+    spread_plates: dict = {}
+    nonlocal_plates: dict = {}
 
 
 class _Run:
@@ -762,6 +770,11 @@ def log_density(fn, trace, *args, keep_particles=True, keep_plates=False, **kwar
         every sample site of the model and guide (e.g. the data plate of a local-latent
         model), returning per-element values *without* their subsample scale (the scale is
         applied when the objective's value is summed); or a tuple of plate names to keep.
+        ``"spread"``: keep every plate that some sample site is in; a site outside a kept
+        plate adds its log density spread evenly over that plate's elements. The sum is
+        exact and each data point's element carries its own terms, so score-function sites
+        get per-element learning signals (as NumPyro's ``TraceGraph_ELBO``); use it only
+        in objectives *linear* in the log densities (``ppl.objectives.elbo`` does).
     :returns: ``f32[]``, ``f32[K]`` inside particles; with ``keep_plates``, an array of
         rank ``batch_rank`` (``[K, ...]`` inside particles) whose kept plate dims have their
         size and other dims size 1.
@@ -872,6 +885,8 @@ def _kept_plates(run: _Run, keep_plates) -> dict:
         return {}
     if keep_plates is True or keep_plates == "auto":
         return dict(run.setup.auto_plates)
+    if keep_plates == "spread":
+        return {name: dim for name, (dim, _) in run.setup.spread_plates.items()}
     names = (keep_plates,) if isinstance(keep_plates, str) else tuple(keep_plates)
     return {name: None for name in names}
 
@@ -897,14 +912,20 @@ def sum_log_prob(run: _Run, sites, keep_plates=False, names=None, register=True)
             lp = lp * site["scale"]
         frames = {f.name: f.dim for f in site["cond_indep_stack"]}
         keep_dims = set()
+        spread_dims = []
         for plate in kept:
-            if plate not in frames:
+            lp = lp / run.setup.plate_scales.get(plate, 1.0)
+            if plate in frames:
+                keep_dims.add(frames[plate])
+            elif keep_plates == "spread":  # an even share for each element of the plate
+                dim, size = run.setup.spread_plates[plate]
+                lp = lp / size
+                spread_dims.append((dim, size))
+            else:
                 raise ValueError(
                     f"log_density(keep_plates=...): site {name!r} is not inside plate "
                     f"{plate!r}, so its log density cannot be kept per {plate!r} element"
                 )
-            keep_dims.add(frames[plate])
-            lp = lp / run.setup.plate_scales.get(plate, 1.0)
         if jnp.ndim(lp) > full:
             raise ValueError(
                 f"site {name!r} has batch shape {jnp.shape(lp)} with more dimensions than "
@@ -912,7 +933,10 @@ def sum_log_prob(run: _Run, sites, keep_plates=False, names=None, register=True)
             )
         lp = jnp.reshape(lp, (1,) * (full - jnp.ndim(lp)) + jnp.shape(lp))
         axes = tuple(full + d for d in range(-rank, 0) if d not in keep_dims)
-        total = total + lp.sum(axis=axes, keepdims=True)
+        lp = lp.sum(axis=axes, keepdims=True)
+        for dim, size in spread_dims:
+            lp = jnp.repeat(lp, size, axis=full + dim)
+        total = total + lp
     if keep_plates is False or keep_plates is None:
         return total.reshape(total.shape[: full - rank])
     if register:

@@ -45,7 +45,15 @@ from ppl.dsl import (
     unconstrain,
 )
 from ppl.enum import enumerated_sites
-from ppl.transforms.estimators import ENUM, MVD, REINFORCE, elementwise, mvd_rule, resolve
+from ppl.transforms.estimators import (
+    ENUM,
+    MVD,
+    REINFORCE,
+    REPARAM,
+    elementwise,
+    mvd_rule,
+    resolve,
+)
 
 __all__ = ["value_and_grad", "init_params", "constrain_params", "check_data"]
 
@@ -115,13 +123,22 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
     for s in sample_sites:
         frames = {f.name: f.dim for f in s["cond_indep_stack"]}
         common = frames if common is None else {k: v for k, v in common.items() if k in frames}
-    scales = {}
+    scales, sizes = {}, {}
     for tr in (gt, mt):
         for name, site in tr.items():
             if site["type"] == "plate":
                 size, subsample = site["args"][0], site["args"][1]
                 subsample = size if subsample is None else subsample
                 scales[name] = float(size) / float(subsample)
+                sizes[name] = int(subsample)
+    common = common or {}
+    if summed:  # enumerated sites are summed per element of the enclosing plates only
+        spread = {name: (dim, sizes[name]) for name, dim in common.items()}
+    else:
+        spread = _spread_plates(sample_sites, sizes)
+    nonlocal_plates = {}
+    if set(spread) != set(common):
+        nonlocal_plates = _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, spread)
     return Setup(
         batch_rank=rank,
         auto_plates=common or {},
@@ -141,7 +158,87 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
         },
         summed_sites=summed,
         model_program=_program(model) if summed else None,
+        spread_plates=spread,
+        nonlocal_plates=nonlocal_plates,
     )
+
+
+def _spread_plates(sample_sites, sizes) -> dict:
+    """``{plate: (dim, subsample size)}`` for every plate some sample site is in, unless
+    two plates share a dim (sequential plates): those are summed, not kept."""
+    dims = {}
+    for site in sample_sites:
+        for f in site["cond_indep_stack"]:
+            dims[f.name] = f.dim
+    shared = {d for d in dims.values() if list(dims.values()).count(d) > 1}
+    return {n: (d, sizes[n]) for n, d in dims.items() if d not in shared and n in sizes}
+
+
+def _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, spread) -> dict:
+    """``{site: plates}``: for each non-reparameterised guide site, the plates it is in
+    along which a log-density term *outside* the plate depends on its value.
+
+    Dependencies are found as NumPyro's ``TraceGraph_ELBO`` finds them, by provenance
+    tracking (:func:`numpyro.ops.provenance.eval_provenance`, abstract, no FLOPs) through
+    the guide and the model replayed against it; control flow counts as depending on all
+    of its inputs. Where tracking fails, every plate of every such site counts (the whole
+    output is then each element's signal: unbiased, but noisier).
+    """
+    from numpyro.ops.provenance import eval_provenance
+
+    tracked = {}
+    for name, site in gt.items():
+        if site["type"] != "sample" or site["is_observed"] or isinstance(resolve(site), REPARAM):
+            continue
+        plates = frozenset(f.name for f in site["cond_indep_stack"]) & set(spread)
+        if plates:
+            tracked[name] = plates
+    if not tracked:
+        return {}
+
+    def substitute_fn(values):
+        def fn(msg):
+            if msg["name"] not in values:
+                return None
+            value = values[msg["name"]]
+            parents = [
+                jnp.sum(jnp.real(leaf)) * 0
+                for leaf in jax.tree.leaves(msg["fn"])
+                if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+            ]  # the value depends on the distribution's parameters too
+            return value + jnp.asarray(sum(parents, 0.0)).astype(jnp.result_type(value))
+
+        return fn
+
+    def traces(sub=None):
+        guide_ = _program(guide) if sub is None else substitute(_program(guide), substitute_fn=sub)
+        with trace() as g, substitute_params(params=params), seed(rng_seed=k1):
+            guide_(*args, **kwargs)
+        with trace() as m, substitute_params(params=params), seed(rng_seed=k2), replay(trace=g):
+            _program(model)(*args, **kwargs)
+        return {(i, n): site for i, tr in enumerate((g, m)) for n, site in tr.items()}
+
+    def log_densities(**values):
+        sites = traces(substitute_fn(values))
+        return {t: site_log_prob(s) for t, s in sites.items() if s["type"] == "sample"}
+
+    try:
+        frames = {
+            t: frozenset(f.name for f in s["cond_indep_stack"])
+            for t, s in traces().items()
+            if s["type"] == "sample"
+        }
+        deps = eval_provenance(log_densities, **{n: gt[n]["value"] for n in tracked})
+    except Exception:  # noqa: BLE001 - conservative fallback, see the docstring
+        return dict(tracked)
+    out = {}
+    for term, sources in deps.items():
+        for name in sources:
+            if name in tracked:
+                outside = tracked[name] - frames.get(term, frozenset())
+                if outside:
+                    out[name] = out.get(name, frozenset()) | outside
+    return out
 
 
 def _check_match(model_trace, guide_trace) -> None:
@@ -237,37 +334,64 @@ class _Layout(NamedTuple):
     extra: int  # reinterpreted event dims (at the right of E)
     out_shape: tuple
     coupled: tuple  # axes of E replayed one element at a time
+    local: tuple  # per batch dim of the site: does each element have its own output element?
 
 
-def _layout(rec, run) -> _Layout:
+def _layout(spec: _Spec, rec, run) -> _Layout:
+    """A site's batch dim is *local* when the output keeps it per element of the same plate
+    and no term outside that plate depends on the site (``Setup.nonlocal_plates``); its
+    elements then get their own learning signal and are replayed all at once. Other dims
+    are *coupled*: the signal is the whole output along them."""
     fn = rec.msg["fn"]
     el = elementwise(fn)
     elem = tuple(el.batch_shape)
     bs = tuple(fn.batch_shape)
     os_ = tuple(run.out.shape)
-    coupled = []
+    frames = {f.dim: f.name for f in rec.msg["cond_indep_stack"]}
+    kept = run.kept_plates or set()
+    nonlocal_ = spec.setup.nonlocal_plates.get(rec.msg["name"], frozenset())
+    local = []
     for p in range(-len(bs), 0):
-        local = -p <= len(os_) and os_[p] == bs[p]
-        if not local:
-            coupled.append(len(bs) + p)
-    coupled += list(range(len(bs), len(elem)))
-    return _Layout(elem, len(bs), len(elem) - len(bs), os_, tuple(coupled))
+        sized = -p <= len(os_) and os_[p] == bs[p]
+        if -p > spec.setup.batch_rank:  # a particle or inner-draw axis
+            local.append(sized)
+        else:
+            plate = frames.get(p)
+            local.append(sized and (bs[p] == 1 or (plate in kept and plate not in nonlocal_)))
+    coupled = [i for i, ok in enumerate(local) if not ok] + list(range(len(bs), len(elem)))
+    return _Layout(elem, len(bs), len(elem) - len(bs), os_, tuple(coupled), tuple(local))
+
+
+def _nonlocal_axes(lay: _Layout, ndim: int) -> tuple:
+    """Axes of an array whose last ``lay.batch_ndim`` dims are the site's batch dims (then
+    ``lay.extra`` event dims when ``ndim`` includes them) that are not local."""
+    offset = ndim - lay.batch_ndim
+    return tuple(offset + i for i, ok in enumerate(lay.local) if not ok and offset + i >= 0)
 
 
 def _to_elements(x, lay: _Layout):
-    """An output-shaped array, broadcastable against the site's element shape ``E``."""
+    """An output-shaped array, broadcastable against the site's element shape ``E``: the
+    output itself along local dims, its mean along the others (see :func:`_to_output`)."""
     nb = lay.batch_ndim
-    if x.ndim > nb:  # the output has a particle axis that the site lacks: average it
+    if x.ndim > nb:  # output dims that the site lacks (particles, outer plates): average
         x = x.mean(axis=tuple(range(x.ndim - nb)))
     x = x.reshape((1,) * (nb - x.ndim) + x.shape)
+    axes = tuple(i for i in _nonlocal_axes(lay, nb) if x.shape[i] != 1)
+    if axes:
+        x = x.mean(axis=axes, keepdims=True)
     return x.reshape(x.shape + (1,) * lay.extra)
 
 
 def _to_output(t, lay: _Layout):
-    """Sum an element-shaped term ``t`` into the output's shape (inverse of _to_elements)."""
+    """Sum an element-shaped term ``t`` into the output's shape (inverse of _to_elements):
+    along a coupled dim every element's term is spread evenly over the output's elements,
+    so that summing the output (times the plate's scale) counts it once."""
     t = jnp.broadcast_to(t, lay.elem_shape)
     if lay.extra:
         t = t.sum(axis=tuple(range(t.ndim - lay.extra, t.ndim)))
+    axes = tuple(i for i in _nonlocal_axes(lay, t.ndim) if t.shape[i] != 1)
+    if axes:
+        t = t.sum(axis=axes, keepdims=True)
     os_ = lay.out_shape
     if t.ndim > len(os_):
         t = t.sum(axis=tuple(range(t.ndim - len(os_))))
@@ -307,9 +431,12 @@ def _site_key(spec: _Spec, rec):
 
 def _reinforce(spec, params, run, rec):
     msg, est = rec.msg, rec.estimator
-    lay = _layout(rec, run)
+    lay = _layout(spec, rec, run)
     lp = site_log_prob(msg)
-    signal = _to_elements(sg(run.out), lay._replace(extra=0))
+    # the signal in the objective's units: along output dims where the site's elements do
+    # not have their own output element, the mean times (size × subsample scale) is the sum
+    share = _share(spec, run, lay)
+    signal = _to_elements(sg(run.out), lay._replace(extra=0)) * share
     baseline = est.baseline
     b = 0.0
     if baseline == "loo":
@@ -336,8 +463,27 @@ def _reinforce(spec, params, run, rec):
                 b = baseline(*spec.args, **spec.kwargs)
         err = sg(signal) - b
         run.extra = run.extra - 0.5 * (jnp.mean(err**2) - sg(jnp.mean(err**2)))
-    term = (lp - sg(lp)) * sg(signal - b)
+    term = (lp - sg(lp)) * sg(signal - b) / share
     return _to_output(term, lay._replace(elem_shape=jnp.shape(term), extra=0))
+
+
+def _share(spec: _Spec, run: _Run, lay: _Layout) -> float:
+    """``Π (size × scale)`` over the output's plate dims that :func:`_to_elements` averages
+    for this site: the factor from an averaged output element to the objective's units."""
+    rank = spec.setup.batch_rank
+    dims = {}
+    for name in run.kept_plates or ():
+        found = spec.setup.spread_plates.get(name, (spec.setup.auto_plates.get(name),))[0]
+        if found is not None:
+            dims[found] = name
+    os_ = lay.out_shape
+    averaged = set(range(-min(rank, len(os_)), -lay.batch_ndim if lay.batch_ndim else 0))
+    averaged |= {a - lay.batch_ndim for a in _nonlocal_axes(lay, lay.batch_ndim)}
+    share = 1.0
+    for d in averaged:
+        if -d <= rank and os_[d] > 1:
+            share *= os_[d] * spec.setup.plate_scales.get(dims.get(d), 1.0)
+    return share
 
 
 def _replay_outputs(spec, params, forced, rec, values):
@@ -351,7 +497,7 @@ def _replay_outputs(spec, params, forced, rec, values):
 
 def _mvd(spec, params, run, forced, rec):
     msg, z = rec.msg, rec.msg["value"]
-    lay = _layout(rec, run)
+    lay = _layout(spec, rec, run)
     el = elementwise(msg["fn"])
     masks = _group_masks(lay)
     vmask = _expand_event(masks, z.ndim)
@@ -372,7 +518,7 @@ def _mvd(spec, params, run, forced, rec):
 
 def _enum(spec, params, run, forced, rec):
     msg, z = rec.msg, rec.msg["value"]
-    lay = _layout(rec, run)
+    lay = _layout(spec, rec, run)
     el = elementwise(msg["fn"])
     support = el.enumerate_support(expand=False)
     num_values = support.shape[0]

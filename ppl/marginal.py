@@ -70,6 +70,14 @@ def _keep_plates(run):
 
 def _finish(run, log_q, keep_plates, register):
     """Turn a per-auto-plate-element estimate into what ``log_density`` was asked for."""
+    if keep_plates == "spread" and set(run.setup.spread_plates) != set(run.setup.auto_plates):
+        raise ValueError(
+            "log_density(keep_plates='spread') of a marginal or normalised program: its "
+            "estimate is per element of the plates enclosing every site "
+            f"({sorted(run.setup.auto_plates)}), so it cannot be kept per element of "
+            f"{sorted(set(run.setup.spread_plates) - set(run.setup.auto_plates))}; "
+            "use keep_plates=True"
+        )
     if keep_plates is False or keep_plates is None:
         if run.setup.auto_plates:
             rank = run.setup.batch_rank

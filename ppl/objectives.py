@@ -29,23 +29,26 @@ __all__ = [
 ]
 
 
-def _log_weights(model, guide, args, kwargs):
+def _log_weights(model, guide, args, kwargs, keep_plates=True):
     tr = sample_trace(guide, *args, **kwargs)
-    log_p = log_density(model, tr, *args, keep_plates=True, **kwargs)
-    return log_p - log_density(guide, tr, *args, keep_plates=True, **kwargs)
+    log_p = log_density(model, tr, *args, keep_plates=keep_plates, **kwargs)
+    return log_p - log_density(guide, tr, *args, keep_plates=keep_plates, **kwargs)
 
 
 def elbo(model, guide, *args, **kwargs):
     """ELBO ``E_q[log p(x, z) − log q(z)]`` (one particle; wrap in ``ppl.particles(K)``).
 
-    Returns the log weight per element of the plates that enclose every site (so that a
-    score-function site only sees its own data point's cost), ``[K, ...]`` in particles.
+    Returns the log weight per element of every plate some site is in, terms outside a
+    plate spread evenly over its elements (``log_density(..., keep_plates="spread")``), so
+    that a score-function site only sees the costs of its own data point and of the sites
+    that depend on it, as in NumPyro's ``TraceGraph_ELBO``; ``[K, ...]`` in particles.
 
     Example::
 
         f = ppl.value_and_grad(ppl.objectives.elbo, model, guide)
     """
-    return _log_weights(model, guide, args, kwargs)
+    plain = not any(hasattr(fn, "_ppl_log_density") for fn in (model, guide))
+    return _log_weights(model, guide, args, kwargs, "spread" if plain else True)
 
 
 def iwelbo(num_particles: int):
