@@ -8,8 +8,11 @@ calls ``jax.value_and_grad(S)``:
 
 * REPARAM sites need nothing: their draws are differentiable.
 * REINFORCE site ``s``: ``+ (ℓ_s − sg ℓ_s) · sg(F − b)`` with ``ℓ_s`` the unscaled, masked
-  log density of the draw and ``F`` the objective's value (per kept plate element, so a
-  data point's score only sees its own cost).
+  log density of the draw and ``F`` the objective's value, per element of the plates the
+  value keeps (``ppl.objectives.elbo`` keeps every plate, spreading terms outside a plate
+  over its elements), so that a data point's score only sees its own costs. A plate along
+  which a term outside it depends on the site (found by provenance tracking, as NumPyro's
+  ``TraceGraph_ELBO`` does) is *coupled*: each element's signal is the whole value there.
 * MVD site: ``+ Σ_η (η − sg η) · sg(c_η (F(z⁺) − F(z⁻)))`` where ``F(z±)`` re-runs the
   objective with the site forced to ``z±`` (a *replay*; every other site keeps its
   random numbers, since keys are fixed per program execution and site order).
@@ -384,8 +387,9 @@ def _to_elements(x, lay: _Layout):
 
 def _to_output(t, lay: _Layout):
     """Sum an element-shaped term ``t`` into the output's shape (inverse of _to_elements):
-    along a coupled dim every element's term is spread evenly over the output's elements,
-    so that summing the output (times the plate's scale) counts it once."""
+    along a coupled dim the elements' terms are summed and the sum stands at every output
+    element (REINFORCE divides its term by :func:`_share` first, so that summing the output
+    times the plate's scale counts it once)."""
     t = jnp.broadcast_to(t, lay.elem_shape)
     if lay.extra:
         t = t.sum(axis=tuple(range(t.ndim - lay.extra, t.ndim)))
