@@ -8,7 +8,9 @@ shape is static), so it passes through ``jit``, ``grad`` and ``vmap``.
 
 The layer ops touch only the active entries, by gather + segment-sum:
 
-* :func:`matmul` ``x [..., B, n_in] @ w [n_in, n_out]``: cost ``O(B·s)``;
+* :func:`matmul` ``x [..., B, n_in] @ w [n_in, n_out]`` (and ``w @ x [..., n_out, K]``):
+  cost ``O(B·s)``; the ``@`` operator of a ``SparseTensor`` is this function, so a model
+  written with plain ``x @ w`` runs with dense and sparse weights alike;
 * :func:`conv2d` (NHWC, kernel ``[kh, kw, c_in, c_out]``): im2col patches, gather of the
   ``s`` active rows, segment-sum over ``c_out``: cost ``O(B·H·W·s)``.
 
@@ -64,7 +66,8 @@ class SparseTensor:
     :param dense_shape: the static dense shape (a tuple of ints).
 
     ``shape`` is ``values.shape[:-1] + dense_shape`` (the batched dense shape), so a
-    ``SparseTensor`` can stand in for a dense sample-site value.
+    ``SparseTensor`` can stand in for a dense sample-site value. A 2-d one multiplies dense
+    arrays with ``@`` from either side (:func:`matmul`; NumPy's ``matmul`` broadcasting).
 
     >>> import jax.numpy as jnp
     >>> w = SparseTensor(jnp.array([1, 4]), jnp.array([2.0, -1.0]), (2, 3))
@@ -73,9 +76,14 @@ class SparseTensor:
     >>> to_dense(w)
     Array([[ 0.,  2.,  0.],
            [ 0., -1.,  0.]], dtype=float32)
+    >>> jnp.ones((1, 2)) @ w
+    Array([[0., 1., 0.]], dtype=float32)
     """
 
     __slots__ = ("idx", "values", "dense_shape")
+    # NumPy arrays defer ``ndarray @ SparseTensor`` to ``__rmatmul__`` (rather than
+    # building an object array); JAX arrays already return NotImplemented for it
+    __array_ufunc__ = None
 
     def __init__(self, idx, values, dense_shape):
         self.idx = idx
@@ -115,6 +123,17 @@ class SparseTensor:
     def size(self) -> int:
         return math.prod(self.dense_shape)
 
+    # ``@`` -------------------------------------------------------------------------------
+    def __matmul__(self, other):
+        if isinstance(other, SparseTensor):
+            return NotImplemented
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        if isinstance(other, SparseTensor):
+            return NotImplemented
+        return matmul(other, self)
+
     def __repr__(self):
         return (
             f"SparseTensor(shape={self.shape}, nse={self.nse}, "
@@ -133,6 +152,15 @@ def to_dense(w: SparseTensor):
     """
     _check_sparse(w, "w")
     batch = tuple(jnp.shape(w.values)[:-1])
+    if jnp.ndim(w.idx) > 1:
+        # a batch of active sets (``vmap``/``Predictive`` outputs carry ``idx [..., s]``):
+        # one scatter per row, the batch dims of ``idx`` and ``values`` broadcast together
+        batch = jnp.broadcast_shapes(batch, tuple(jnp.shape(w.idx)[:-1]))
+        idx = jnp.broadcast_to(w.idx, batch + (w.nse,)).reshape(-1, w.nse)
+        values = jnp.broadcast_to(w.values, batch + (w.nse,)).reshape(-1, w.nse)
+        rows = jnp.arange(idx.shape[0])[:, None]
+        flat = jnp.zeros((idx.shape[0], w.size), w.dtype).at[rows, idx].set(values)
+        return flat.reshape(batch + w.dense_shape)
     flat = jnp.zeros(batch + (w.size,), w.dtype).at[..., w.idx].set(w.values)
     return flat.reshape(batch + w.dense_shape)
 
@@ -181,15 +209,20 @@ def _check_sparse(w, name):
         raise TypeError(f"{name} must be a ppl.sparse.SparseTensor, got {type(w).__name__}")
 
 
-def _gather_scale_sum(xt, w, n_rows_out, n_trailing):
+def _gather_scale_sum(xt, w, n_rows_out, n_trailing, *, transpose=False):
     """``out[o, ...] = Σ_{k: col_k = o} xt[row_k, ...] · values_k``: gather contiguous rows
     of ``xt [n_rows_in, ...]``, scale, segment-sum over the column: ``[n_out, ...]``.
 
     Rows of ``xt`` are contiguous, so the gather, the segment-sum and their transposes
     (scatter-add / gather) move whole rows; ``values [..vb, s]`` broadcast against the
-    leading dims of ``xt[..., ]`` that precede its ``n_trailing`` trailing dims.
+    leading dims of ``xt[..., ]`` that precede its ``n_trailing`` trailing dims. With
+    ``transpose`` the 2-d ``w [n_rows_out, n_in]`` is read as its transpose (``w @ x``).
     """
-    rows, cols = w.idx // n_rows_out, w.idx % n_rows_out
+    if transpose:
+        n_cols = w.dense_shape[-1]
+        cols, rows = w.idx // n_cols, w.idx % n_cols
+    else:
+        rows, cols = w.idx // n_rows_out, w.idx % n_rows_out
     g = xt[rows]  # [s, *xlead, *trailing]
     v = jnp.moveaxis(w.values, -1, 0)  # [s, *vb]
     n_xlead, n_vb = g.ndim - 1 - n_trailing, v.ndim - 1
@@ -200,30 +233,66 @@ def _gather_scale_sum(xt, w, n_rows_out, n_trailing):
 
 
 def matmul(x, w):
-    """``x @ w`` for a dense or sparse ``w``, touching only the active entries of a sparse one.
+    """``x @ w`` with NumPy's ``matmul`` semantics, touching only the active entries of a
+    sparse operand. This is what ``@`` does with a :class:`SparseTensor` on either side.
 
-    :param x: ``float[..., B, n_in]``.
+    :param x: ``float[..., B, n_in]`` or ``float[n_in]``; or a 2-d ``SparseTensor[m, n]``
+        (values ``[..., s]``) when ``w`` is dense (``w @`` from the left).
     :param w: ``SparseTensor[n_in, n_out]`` (values ``[..., s]``, whose batch dims broadcast
         against the leading dims of ``x``), or a dense ``float[..., n_in, n_out]``
-        (then this is ``x @ w``).
-    :returns: ``float[..., B, n_out]``. For a sparse ``w`` the cost is ``O(B·s)``: gather
-        ``x[..., row_k]``, scale by ``values_k``, segment-sum over ``col_k``.
+        (then this is ``x @ w``); a dense ``float[..., n, K]`` or ``float[n]`` when ``x`` is
+        sparse.
+    :returns: ``float[..., B, n_out]`` (``float[..., n_out]`` for a 1-d ``x``); for a
+        sparse ``x``, ``float[..., m, K]`` (``float[..., m]`` for a 1-d ``w``). The cost is
+        ``O(B·s)``: gather ``x[..., row_k]``, scale by ``values_k``, segment-sum over
+        ``col_k``.
+    :raises TypeError: for two sparse operands (no sparse-sparse product).
+    :raises ValueError: for a sparse operand that is not 2-d, a 0-d dense operand, or
+        contracted dims of different sizes.
 
     >>> import jax.numpy as jnp
     >>> w = SparseTensor(jnp.array([0, 5]), jnp.array([2.0, 3.0]), (2, 3))
     >>> matmul(jnp.array([[1.0, 10.0]]), w)
     Array([[ 2.,  0., 30.]], dtype=float32)
+    >>> w @ jnp.array([1.0, 1.0, 1.0])  # = matmul(w, x): the active entries' row sums
+    Array([2., 3.], dtype=float32)
     """
-    if not isinstance(w, SparseTensor):
+    x_sparse, w_sparse = isinstance(x, SparseTensor), isinstance(w, SparseTensor)
+    if x_sparse and w_sparse:
+        raise TypeError(
+            "matmul of two SparseTensors is not supported; densify one with "
+            "ppl.sparse.to_dense (O(d)) or keep one operand dense"
+        )
+    if not (x_sparse or w_sparse):
         return jnp.matmul(x, w)
-    if len(w.dense_shape) != 2:
-        raise ValueError(f"matmul needs a 2-d SparseTensor [n_in, n_out], got {w.dense_shape}")
-    x = jnp.asarray(x)
-    n_in, n_out = w.dense_shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x has {x.shape[-1]} features but w expects n_in = {n_in}")
-    out = _gather_scale_sum(jnp.moveaxis(x, -1, 0), w, n_out, 1)  # [n_out, ..., B]
-    return jnp.moveaxis(out, 0, -1)
+    sp, dense = (x, w) if x_sparse else (w, x)
+    if len(sp.dense_shape) != 2:
+        raise ValueError(
+            f"matmul needs a 2-d SparseTensor, got dense shape {sp.dense_shape}; for a "
+            "conv kernel use ppl.sparse.conv2d"
+        )
+    dense = jnp.asarray(dense)
+    if dense.ndim == 0:
+        raise ValueError("matmul: the dense operand must have ndim >= 1, got a scalar")
+    n_rows, n_cols = sp.dense_shape
+    vector = dense.ndim == 1
+    if w_sparse:  # x [..., B, n_in] @ w [n_in, n_out]
+        xm = dense[None] if vector else dense
+        if xm.shape[-1] != n_rows:
+            raise ValueError(f"x has {xm.shape[-1]} features but w expects n_in = {n_rows}")
+        out = _gather_scale_sum(jnp.moveaxis(xm, -1, 0), sp, n_cols, 1)  # [n_out, ..., B]
+        out = jnp.moveaxis(out, 0, -1)
+        return out[..., 0, :] if vector else out
+    # x [m, n] (sparse) @ w [..., n, K] (dense): gather rows of w by col_k, sum over row_k
+    wm = dense[:, None] if vector else dense
+    if wm.shape[-2] != n_cols:
+        raise ValueError(
+            f"the dense operand has {wm.shape[-2]} rows but the SparseTensor {sp.dense_shape} "
+            f"has n = {n_cols} columns"
+        )
+    out = _gather_scale_sum(jnp.moveaxis(wm, -2, 0), sp, n_rows, 1, transpose=True)
+    out = jnp.moveaxis(out, 0, -2)  # [..., m, K]
+    return out[..., 0] if vector else out
 
 
 def _patches(x, kh, kw, stride, padding):

@@ -98,3 +98,50 @@ def test_bad_input():
         conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), padding="FULL")
     with pytest.raises(TypeError, match="SparseTensor"):
         to_dense(jnp.ones(3))
+
+
+# (x shape, values batch): x @ w broadcasts like NumPy's matmul on the dense tensor
+_MATMUL_CASES = [((5, 6), ()), ((6,), ()), ((2, 5, 6), ()), ((5, 6), (3,)), ((3, 5, 6), (3,))]
+
+
+@pytest.mark.parametrize("x_shape,batch", _MATMUL_CASES)
+def test_matmul_operator_dense_at_sparse(x_shape, batch):
+    w = _random_sparse(jax.random.PRNGKey(8), (6, 4), 10, batch)
+    want = np.asarray(jax.random.normal(jax.random.PRNGKey(9), x_shape), np.float64)
+    dense_w = np.asarray(to_dense(w), np.float64)
+    x = jnp.asarray(want, jnp.float32)
+    ref = want @ dense_w
+    for got in (x @ w, np.asarray(x) @ w, jax.jit(lambda x, w: x @ w)(x, w)):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("y_shape,batch", [((4, 2), ()), ((4,), ()), ((3, 4, 2), (3,))])
+def test_matmul_operator_sparse_at_dense(y_shape, batch):
+    w = _random_sparse(jax.random.PRNGKey(10), (6, 4), 10, batch)
+    y = jax.random.normal(jax.random.PRNGKey(11), y_shape)
+    ref = np.asarray(to_dense(w), np.float64) @ np.asarray(y, np.float64)
+    for got in (w @ y, w @ np.asarray(y), matmul(w, y), jax.jit(lambda w, y: w @ y)(w, y)):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    # gradients w.r.t. the active values equal the dense ones restricted to idx
+    gv = jax.grad(lambda v: (SparseTensor(w.idx, v, w.dense_shape) @ y).sum())(w.values)
+    gd = jax.grad(lambda d: (d @ y).sum())(to_dense(w))
+    np.testing.assert_allclose(gv, gd.reshape(batch + (-1,))[..., w.idx], rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_operator_bad_shapes():
+    w = _random_sparse(jax.random.PRNGKey(12), (4, 3), 5)
+    with pytest.raises(ValueError, match="n_in = 4"):
+        jnp.ones((2, 5)) @ w
+    with pytest.raises(ValueError, match="n = 3 columns"):
+        w @ jnp.ones((4, 2))
+    with pytest.raises(ValueError, match="scalar"):
+        matmul(jnp.float32(2.0), w)
+    with pytest.raises(TypeError, match="two SparseTensors"):
+        matmul(w, w)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        w @ w  # no sparse-sparse product: Python's own TypeError
+    kernel = _random_sparse(jax.random.PRNGKey(13), (3, 3, 1, 2), 4)
+    with pytest.raises(ValueError, match="conv2d"):
+        jnp.ones((2, 3)) @ kernel
