@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from jax import lax
 from numpyro import handlers
 
@@ -235,6 +236,92 @@ def check_data(indexes, y=None) -> tuple[np.ndarray, np.ndarray | None]:
     return idx, yy
 
 
+#: What CEP cannot do, and what can (the error messages name it).
+_OTHER_ROUTE = (
+    "CEP updates only the Tucker factors 'u_k', the core 'W' and the noise precision 'tau' of "
+    "y ~ Normal(Σ_r W[r] Π_k u^k_r(x), 1/√tau); run ppl.inference.NUTS or ppl.inference.SVI "
+    "on ppl.transforms.state_space.state_space(model) to infer the rest of the model too"
+)
+
+
+def _check_sites(tr, modes, indexes):
+    """Refuse a model CEP would only partly fit: latent sites other than ``u_k``, ``W`` and
+    ``tau``, ``param`` sites, observed sites other than ``y``, a likelihood that is not
+    ``Normal(tucker_mean(W, u), 1/√tau)`` (checked on the traced values)."""
+    known = {s["name"] for s in modes} | {"W", "tau"}
+    other = [
+        name
+        for name, s in tr.items()
+        if (s["type"] == "sample" and not s["is_observed"] and name not in known)
+        or s["type"] == "param"
+    ]
+    if other:
+        raise ValueError(f"model has sites CEP cannot update: {other}. {_OTHER_ROUTE}")
+    for name in ("W", "tau"):
+        if name in tr and tr[name]["type"] == "sample" and tr[name]["is_observed"]:
+            raise ValueError(f"site {name!r} is observed; CEP infers it. {_OTHER_ROUTE}")
+    if type(tr["tau"]["fn"]) is not dist.Gamma:
+        raise ValueError(
+            f"site 'tau' must have a Gamma prior, got {type(tr['tau']['fn']).__name__}. "
+            + _OTHER_ROUTE
+        )
+    if "W" in tr:
+        base = tr["W"]["fn"]
+        while isinstance(base, (dist.ExpandedDistribution, dist.Independent)):
+            base = base.base_dist
+        scale = np.asarray(getattr(base, "scale", np.nan))
+        if (
+            type(base) is not dist.Normal
+            or np.any(np.asarray(base.loc) != 0)
+            or np.any(scale != scale.ravel()[0])
+        ):
+            raise ValueError(
+                "site 'W' must have an i.i.d. Normal(0, core_scale) prior. " + _OTHER_ROUTE
+            )
+    observed = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]]
+    if observed != ["y"]:
+        raise ValueError(
+            f"model must observe exactly one site 'y' (the entries), got {observed}. {_OTHER_ROUTE}"
+        )
+    lik = tr["y"]["fn"]
+    while isinstance(lik, (dist.ExpandedDistribution, dist.Independent)):
+        lik = lik.base_dist
+    if type(lik) is not dist.Normal:
+        raise ValueError(
+            f"site 'y' has a {type(lik).__name__} likelihood; CEP needs a Normal one. "
+            + _OTHER_ROUTE
+        )
+    # The mean and scale of y at the traced values must be the Tucker model's.
+    us = []
+    for k, s in enumerate(modes):
+        ss = s["infer"]["state_space"]
+        grid = np.asarray(ss["grid"], np.float64)
+        on_grid = np.zeros((s["value"].shape[0], grid.shape[0]))
+        on_grid[:, np.asarray(ss["inverse"]).reshape(-1)] = np.asarray(s["value"])
+        us.append(on_grid[:, np.clip(np.searchsorted(grid, indexes[:, k]), 0, len(grid) - 1)].T)
+    ranks = tuple(u.shape[1] for u in us)
+    W = np.asarray(tr["W"]["value"]) if "W" in tr else np.asarray(_cp_core(ranks)).reshape(ranks)
+    expected = np.asarray(_predictions(jnp.asarray(W).reshape(-1), us, _diag_pos(us), ranks))
+    N = indexes.shape[0]
+    loc = np.broadcast_to(np.asarray(lik.loc), (N,))
+    scale = np.broadcast_to(np.asarray(lik.scale), (N,))
+    sd = 1.0 / np.sqrt(float(tr["tau"]["value"]))
+    tol = 1e-6 * (1.0 + np.max(np.abs(expected)))
+    if not np.allclose(loc, expected, rtol=1e-6, atol=tol):
+        raise ValueError(
+            "the mean of site 'y' is not the Tucker mean Σ_r W[r] Π_k u^k_r(x) of the sites "
+            f"{[s['name'] for s in modes] + (['W'] if 'W' in tr else [])} (an offset or a "
+            f"transformed mean?). {_OTHER_ROUTE}"
+        )
+    if not np.allclose(scale, sd, rtol=1e-6):
+        raise ValueError(f"the scale of site 'y' is not 1/√tau. {_OTHER_ROUTE}")
+
+
+def _diag_pos(us):
+    """Positions ``[N, K]`` that read row n of every ``us[k] f[N, R_k]``."""
+    return jnp.tile(jnp.arange(us[0].shape[0])[:, None], (1, len(us)))
+
+
 def _read_model(model, indexes, y, config: FunBaTConfig):
     """Trace ``state_space(model)`` and resolve the config from the sites."""
     tr = handlers.trace(handlers.seed(state_space(model), 0)).get_trace(indexes, y=y)
@@ -249,6 +336,7 @@ def _read_model(model, indexes, y, config: FunBaTConfig):
     grids = tuple(np.asarray(s["infer"]["state_space"]["grid"], np.float64) for s in modes)
     if "tau" not in tr:
         raise ValueError("model must have a Gamma noise-precision site 'tau'")
+    _check_sites(tr, modes, indexes)
     a0 = float(tr["tau"]["fn"].concentration)
     b0 = float(tr["tau"]["fn"].rate)
     cp = "W" not in tr
