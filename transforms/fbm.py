@@ -959,8 +959,10 @@ def fbm_sde(
     :param hurst: H ∈ (0, 1) (may be traced).
     :param times: observation times ``[T]``, strictly increasing, ≥ 0 (X(0) = x0).
     :param dt: the Euler step (the number of steps is ⌈t_end/dt⌉).
-    :param t_end: the end of the simulated interval (default ``times[-1]``; needed when
-        ``times`` is traced, e.g. passed as a jitted argument).
+    :param t_end: the end of the simulated interval (default ``times[-1]``). When ``times``
+        is traced (a jitted argument) the default is the last value of the concrete times of
+        the same shape that :class:`markov_fbm` last ran this site with (e.g. at
+        ``SVI.init``), checked at run time; without such a run, ``t_end`` is needed.
     :param share_path: guide only (with ``control``). ``True`` declares that this posterior
         SDE has the prior's drift, diffusion and Hurst index, with the same parameters, and
         changes only the noise (the paper's posterior, as in
@@ -1178,6 +1180,16 @@ def interpolate(xs, times, dt):
     return xs[lo] * (1.0 - frac) + xs[hi] * frac
 
 
+def _check_setup_end(name, last, t_end):
+    """Run-time guard of a traced ``times`` on the grid taken from a concrete run."""
+    if abs(float(last) - t_end) > 1e-6 * t_end:
+        raise ValueError(
+            f"fbm_sde {name!r}: the traced times end at {float(last):g}, but markov_fbm set "
+            f"the Euler grid up for times ending at {t_end:g} (its last run with concrete "
+            "times): for times that change, give fbm_sde a t_end= that covers them all"
+        )
+
+
 #: Key of a guide's increments site ``infer`` dict that carries its law (``share_path``).
 _SHARED_PATH = "fbm_shared_path"
 
@@ -1291,6 +1303,10 @@ class markov_fbm(Messenger):
             kl_gradient=kl_gradient,
             ou_step=ou_step,
         )
+        # site name -> (shape, last value) of the concrete times it last ran with: the
+        # static grid of a later traced run with the same times (no t_end needed, as when
+        # numpyro.infer.SVI.run closes over them)
+        self._setup_ends: dict[str, tuple[tuple, float]] = {}
         super().__init__(fn)
 
     def process_message(self, msg):
@@ -1313,13 +1329,26 @@ class markov_fbm(Messenger):
         share_path=False,
     ):
         cfg = self.config
+        guard_end = None  # the traced times' last value must equal this (a grid from setup)
         if _is_concrete(times):
             ts = _check_times(times, dt)
-            t_end = float(ts[-1]) if t_end is None else float(t_end)
+            if t_end is None:
+                t_end = float(ts[-1])
+                self._setup_ends[name] = (ts.shape, t_end)
+            t_end = float(t_end)
             if ts[-1] > t_end * (1 + 1e-6):
                 raise ValueError(f"times reach {ts[-1]:g}, beyond t_end = {t_end:g}")
         elif t_end is None:
-            raise ValueError("times is traced (a jitted argument): give t_end= as well")
+            seen = self._setup_ends.get(name)
+            if seen is None or seen[0] != jnp.shape(times):
+                raise ValueError(
+                    f"fbm_sde {name!r}: times is traced (a jitted argument) and this "
+                    "markov_fbm has not run the site with concrete times of that shape, so "
+                    "the number of Euler steps ⌈t_end/dt⌉ is unknown: give t_end= (the end "
+                    "of the simulated interval), or run the program once with concrete "
+                    "times first (ppl.inference.SVI.init does)"
+                )
+            t_end = guard_end = seen[1]
         t_end = _check_horizon(t_end)
         ts = times
         x0 = jnp.asarray(x0)
@@ -1365,5 +1394,7 @@ class markov_fbm(Messenger):
             infer = {_SHARED_PATH: law} if share_path else None
             inc = numpyro.sample(f"{name}.dW", law, infer=infer)
             xs = law.path(inc)
+        if guard_end is not None:
+            jax.debug.callback(_check_setup_end, name, times[-1], guard_end)
         at_times = jnp.moveaxis(interpolate(xs, ts, dt), 0, -2)
         return numpyro.deterministic(name, at_times)

@@ -76,12 +76,19 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_positive(value, name: str):
+def _check_positive(value, name: str, *, allow_zero: bool = False):
     if _is_concrete(value):
         v = np.asarray(value, dtype=np.float64)
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        bad = np.any(v < 0) if allow_zero else np.any(v <= 0)
+        if not np.all(np.isfinite(v)) or bad:
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
     return value
+
+
+def _is_zero(value) -> bool:
+    """``value`` is known (concrete) to be 0; a traced value is not."""
+    return _is_concrete(value) and not np.any(np.asarray(value))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -245,9 +252,12 @@ class GaussianProcess(dist.Distribution):
 
     :param Matern kernel: the covariance function.
     :param index: ``f[n]`` the (finite) indexes; the event shape is ``(n,)``.
-    :param float jitter: added to the covariance diagonal (default 0: none).
+    :param jitter: ``σ² >= 0`` added to the covariance diagonal (default 0: none), a scalar
+        (may be traced). It is the variance of white noise on each value: ``f(index) + ε``,
+        ``ε ~ N(0, σ² I)``.
 
-    Under :func:`state_space` the site becomes a :class:`StateSpaceGP` with the same density.
+    Under :func:`state_space` the site becomes a :class:`StateSpaceGP` with the same density
+    (the jitter becomes that white noise on the state-space observations).
     The covariance and its Cholesky factor are computed lazily (a substituted site costs
     nothing).
 
@@ -266,7 +276,9 @@ class GaussianProcess(dist.Distribution):
             raise TypeError(f"kernel must be a Matern, got {type(kernel).__name__}")
         self.kernel = kernel
         self.index = _check_index(index)
-        self.jitter = jitter
+        if jnp.ndim(jitter) != 0:
+            raise ValueError(f"jitter must be a scalar, got shape {jnp.shape(jitter)}")
+        self.jitter = _check_positive(jitter, "jitter", allow_zero=True)
         super().__init__(
             batch_shape=(), event_shape=(jnp.shape(self.index)[0],), validate_args=validate_args
         )
@@ -316,8 +328,12 @@ class StateSpaceGP(dist.Distribution):
     """:class:`GaussianProcess` in state-space form: the same law, O(n d³) log-density.
 
     :param LTISDE sde: from :func:`lti_sde`.
-    :param index: ``f[n]`` finite indexes in any order; repeats are merged (the value at a
-        repeated index must be repeated; the density is that of the unique ones).
+    :param index: ``f[n]`` finite indexes in any order. Without noise, repeats are merged
+        (the value at a repeated index must be repeated; the density is that of the unique
+        ones); with noise each value has its own.
+    :param noise: ``σ² >= 0``, the variance of white observation noise: the law is that of
+        ``H z(index) + ε``, ``ε ~ N(0, σ² I)`` (:class:`GaussianProcess`'s ``jitter``), a scalar
+        (may be traced). The Kalman filter adds it to each innovation variance.
 
     ``perm`` is the sorting permutation (``index[perm]`` is sorted) and ``grid`` the sorted
     unique indexes.
@@ -330,12 +346,15 @@ class StateSpaceGP(dist.Distribution):
     arg_constraints = {}
     support = constraints.real_vector
     reparametrized_params = []
-    pytree_aux_fields = ("sde", "index", "perm", "grid", "first", "inverse")
+    pytree_aux_fields = ("sde", "index", "perm", "grid", "first", "inverse", "noise")
 
-    def __init__(self, sde: LTISDE, index, *, validate_args=None):
+    def __init__(self, sde: LTISDE, index, *, noise=0.0, validate_args=None):
         self.sde = sde
         index = _check_index(index)
         self.index = index
+        if jnp.ndim(noise) != 0:
+            raise ValueError(f"noise must be a scalar, got shape {jnp.shape(noise)}")
+        self.noise = _check_positive(noise, "noise", allow_zero=True)
         if _is_concrete(index):
             grid, first, inverse = np.unique(index, return_index=True, return_inverse=True)
             self.perm = np.argsort(index, kind="stable")
@@ -351,22 +370,28 @@ class StateSpaceGP(dist.Distribution):
 
     @lazy_property
     def transitions(self):
+        """The chain's ``(A, Q)`` on ``grid`` (:func:`discretize`)."""
         return discretize(self.sde, self.grid)
 
     def log_prob(self, value):
-        A, Q = self.transitions
+        if _is_zero(self.noise):  # noiseless: filter the sorted unique values
+            A, Q = self.transitions
+            take, R = self.first, 0.0
+        else:  # every value is observed with its own noise; a repeat is a zero-gap step
+            A, Q = discretize(self.sde, jnp.asarray(self.index)[self.perm])
+            take, R = self.perm, jnp.asarray(self.noise, A.dtype)
         H = self.sde.H[0]
         d = H.shape[0]
 
         def one(v):
-            u = v[self.first]  # values on the sorted unique grid
+            u = v[take]
 
             def body(carry, inp):
                 m, P, ll = carry
                 a, q, obs = inp
                 m = a @ m
                 P = a @ P @ a.T + q
-                S = H @ P @ H
+                S = H @ P @ H + R
                 e = obs - H @ m
                 K = P @ H / S
                 ll = ll - 0.5 * (_LOG_2PI + jnp.log(S) + e * e / S)
@@ -394,8 +419,11 @@ class StateSpaceGP(dist.Distribution):
             return z, z @ H
 
         _, u = lax.scan(body, jnp.zeros(shape + (d,), A.dtype), (A, roots, eps))
-        u = jnp.moveaxis(u, 0, -1)  # [..., n_unique]
-        return u[..., self.inverse]
+        u = jnp.moveaxis(u, 0, -1)[..., self.inverse]  # [..., n]
+        if _is_zero(self.noise):
+            return u
+        e = jax.random.normal(jax.random.fold_in(key, 1), u.shape, dtype=u.dtype)
+        return u + jnp.sqrt(jnp.asarray(self.noise, u.dtype)) * e
 
     @property
     def mean(self):
@@ -406,7 +434,7 @@ def _swap(fn):
     """``fn`` with each ``GaussianProcess`` (possibly inside ``ExpandedDistribution``s from
     plates) replaced by its ``StateSpaceGP``; ``None`` if there is none."""
     if isinstance(fn, GaussianProcess):
-        return StateSpaceGP(lti_sde(fn.kernel), fn.index)
+        return StateSpaceGP(lti_sde(fn.kernel), fn.index, noise=fn.jitter)
     if isinstance(fn, dist.ExpandedDistribution):
         base = _swap(fn.base_dist)
         return None if base is None else base.expand(fn.batch_shape)
@@ -430,9 +458,11 @@ class state_space(Messenger):
         a listed site that is not a ``GaussianProcess`` raises ``ValueError``.
 
     Each transformed site keeps its value, name, plates and observation; its density is the
-    same (computed by Kalman filtering in O(n d³)). ``msg["infer"]["state_space"]`` records
-    ``{"kernel", "sde", "grid", "perm", "inverse"}`` (the sorted unique indexes, the sorting
-    permutation and the map from each index to its grid position) for inference drivers.
+    same (computed by Kalman filtering in O(n d³)); a ``jitter`` becomes white observation
+    noise of that variance, filtered exactly (``StateSpaceGP(..., noise=jitter)``).
+    ``msg["infer"]["state_space"]`` records ``{"kernel", "sde", "grid", "perm", "inverse",
+    "noise"}`` (the sorted unique indexes, the sorting permutation, the map from each index to
+    its grid position and the white-noise variance) for inference drivers.
 
     >>> import numpyro
     >>> from numpyro import handlers
@@ -476,6 +506,7 @@ class state_space(Messenger):
             "grid": ss.grid,
             "perm": ss.perm,
             "inverse": ss.inverse,
+            "noise": ss.noise,
         }
 
 
