@@ -430,6 +430,8 @@ class SBLState(NamedTuple):
     :param cost: SBL cost L at the last E-step's γ.
     :param rel_change: ``‖Δγ‖/‖γ‖`` of the last M-step (flat, zero-padded γ).
     :param it: iterations done.
+    :param offset_mean: posterior mean of the additive offset b (0 without one).
+    :param offset_var: posterior variance of b (0 without one).
     """
 
     gammas: tuple
@@ -440,6 +442,8 @@ class SBLState(NamedTuple):
     cost: Any
     rel_change: Any
     it: Any
+    offset_mean: Any = 0.0
+    offset_var: Any = 0.0
 
 
 def _num_snapshots(op, y):
@@ -487,6 +491,8 @@ def init(op, y, *, noise_var=None, gamma0: float = 1.0, shape=None) -> SBLState:
         cost=jnp.asarray(jnp.inf, rdtype),
         rel_change=jnp.asarray(jnp.inf, rdtype),
         it=jnp.asarray(0),
+        offset_mean=jnp.zeros((), rdtype),
+        offset_var=jnp.zeros((), rdtype),
     )
 
 
@@ -498,16 +504,52 @@ def _prune(gammas, masks, ratio, abs_floor):
     return [jnp.where(m, g, 0.0) for g, m in zip(gammas, new_masks, strict=True)], new_masks
 
 
-def _learn_noise(op, y, mu, var, gammas_flat, noise_var):
-    """σ² ← (‖y − Φμ‖² + σ²_old Σ_j (1 − Σ_jj/γ_j)) / M (per snapshot), floored."""
+def _learn_noise(op, y, mu, var, gammas_flat, noise_var, extra_dof=0.0):
+    """σ² ← (‖y − Φμ‖² + σ²_old Σ_j (1 − Σ_jj/γ_j)) / M (per snapshot), floored.
+
+    ``extra_dof``: the term ``1 − Var b / s0²`` of an additive offset (``y`` is then
+    ``y − E[b]``), the same identity for the augmented dictionary ``[Φ, 1]``."""
     m = op.shape[0]
     t = _num_snapshots(op, y)
     resid = jnp.sum(jnp.abs(y - op.matvec(mu)) ** 2)
     active = gammas_flat > 0
     dof = jnp.sum(jnp.where(active, 1.0 - var / jnp.where(active, gammas_flat, 1.0), 0.0))
+    dof = dof + extra_dof
     new = (resid + t * noise_var * dof) / (m * t)
     floor = 1e-12 * jnp.sum(jnp.abs(y) ** 2) / (m * t)
     return jnp.maximum(new, floor)
+
+
+def _posterior(op, gammas, noise_var, y, form, offset_prior):
+    """The E-step, with the additive offset ``b ~ N(m0, s0²)`` integrated out exactly.
+
+    Without an offset: :func:`~ppl.transforms.kronecker.kron_posterior` and ``b = 0``. With
+    one, ``C = C0 + s0² 11ᵀ`` (``C0 = ΦΓΦᵀ + σ²I``) is a rank-one update, so one Kronecker
+    E-step on the two right-hand sides ``r = y − m0`` and ``1`` gives everything (Woodbury;
+    ``C0⁻¹v = (v − Φ μ_v)/σ²`` with ``μ_v = ΓΦᵀC0⁻¹v``): with ``c1 = 1ᵀC0⁻¹1``, ``cr =
+    1ᵀC0⁻¹r``, ``κ = s0²/(1 + s0² c1)`` and ``g = μ_1``, the joint posterior of (x, b) has
+    ``E[b] = m0 + κ cr``, ``Var b = κ``, ``E[x] = μ_r − κ cr g``, ``diag Σ_x = diag Σ0 + κ g²``
+    and the cost ``L = log|C| + rᵀC⁻¹r = L0 + log(1 + s0² c1) − κ cr²``.
+
+    :return: ``(mu, var, cost, offset_mean, offset_var)``.
+    """
+    if offset_prior is None:
+        mu, var, cost = kron_posterior(op, gammas, noise_var, y, form=form)
+        zero = jnp.zeros((), var.dtype)
+        return mu, var, cost, zero, zero
+    m0, s0 = offset_prior
+    s2 = s0**2
+    r = y - m0
+    mus, var, cost2 = kron_posterior(op, gammas, noise_var, jnp.stack([r, jnp.ones_like(r)]), form)
+    mu_r, g = mus[0], mus[1]
+    m = y.shape[-1]
+    c1 = (m - jnp.sum(op.matvec(g))) / noise_var
+    cr = (jnp.sum(r) - jnp.sum(op.matvec(mu_r))) / noise_var
+    qr = (jnp.sum(r * r) - r @ op.matvec(mu_r)) / noise_var
+    logdet0 = 0.5 * (cost2 - qr - c1)
+    kappa = s2 / (1.0 + s2 * c1)
+    cost = logdet0 + jnp.log1p(s2 * c1) + qr - kappa * cr**2
+    return mu_r - kappa * cr * g, var + kappa * g**2, cost, m0 + kappa * cr, kappa
 
 
 def _step(
@@ -522,9 +564,10 @@ def _step(
     coupling,
     form: str,
     refine: str,
+    offset_prior=None,
 ) -> SBLState:
     gammas, masks = _prune(list(state.gammas), list(state.masks), prune_ratio, prune_abs)
-    mu, var, cost = kron_posterior(op, gammas, state.noise_var, y, form=form)
+    mu, var, cost, b_mean, b_var = _posterior(op, gammas, state.noise_var, y, form, offset_prior)
     d = var + jnp.mean(jnp.abs(mu.reshape(-1, var.shape[0])) ** 2, axis=0)
     shape = tuple(g.shape[0] for g in gammas)
     if mstep == "classic" or len(gammas) == 1:
@@ -542,8 +585,13 @@ def _step(
         new = [jnp.where(bad, a, s) for a, s in zip(am, new, strict=True)]
     gamma_old = kron_vector(gammas)
     noise_var = state.noise_var
-    if learn_noise:
+    if learn_noise and offset_prior is None:
         noise_var = _learn_noise(op, y, mu, var, gamma_old, state.noise_var)
+    elif learn_noise:  # the offset is one more coefficient (column 1, prior variance s0²)
+        s2 = offset_prior[1] ** 2
+        noise_var = _learn_noise(
+            op, y - b_mean, mu, var, gamma_old, state.noise_var, extra_dof=1.0 - b_var / s2
+        )
     gamma_new = kron_vector(new)
     rel = jnp.linalg.norm(gamma_new - gamma_old) / jnp.maximum(jnp.linalg.norm(gamma_new), 1e-300)
     return SBLState(
@@ -555,6 +603,8 @@ def _step(
         cost=cost,
         rel_change=rel,
         it=state.it + 1,
+        offset_mean=b_mean,
+        offset_var=b_var,
     )
 
 
@@ -572,6 +622,7 @@ def step(
     coupling=None,
     form: str = "measurement",
     refine: str = "none",
+    offset_prior=None,
 ) -> SBLState:
     """One EM iteration: prune → E-step (μ, diag Σ, L at the current γ) → M-step →
     noise update (if ``learn_noise``).
@@ -583,6 +634,8 @@ def step(
     :param op: the dictionary; for ``mstep="classic"`` the state has one flat factor.
     :param y: observations ``[M]`` or ``[T, M]``.
     :param mstep: ``"am"``, ``"svd"`` or ``"classic"``.
+    :param offset_prior: ``(m0, s0)``: an additive offset ``b ~ N(m0, s0²)`` on every entry of
+        a real ``y [M]``, integrated out exactly in the E-step (see :func:`run`).
     :return: the new state; its ``mu``, ``var``, ``cost`` are the E-step's (at the old γ).
 
     Example::
@@ -599,7 +652,18 @@ def step(
     _check_mstep(mstep)
     coupling = _check_coupling(coupling, len(state.gammas))
     return _step(
-        state, op, y, mstep, learn_noise, prune_ratio, prune_abs, sweeps, coupling, form, refine
+        state,
+        op,
+        y,
+        mstep,
+        learn_noise,
+        prune_ratio,
+        prune_abs,
+        sweeps,
+        coupling,
+        form,
+        refine,
+        offset_prior,
     )
 
 
@@ -630,6 +694,8 @@ class SBLResult:
     :param m_step: the M-step used.
     :param y: the observations (for ``observed_data``).
     :param shape: ``(n_1, …, n_I)`` of x.
+    :param offset_mean, offset_var: posterior mean and variance of the additive offset
+        (``None`` without one); ``offset_name``: its site name (``to_inference_data``).
     """
 
     mean: np.ndarray
@@ -647,6 +713,9 @@ class SBLResult:
     y: np.ndarray | None = None
     shape: tuple = ()
     masks: list = field(default_factory=list)
+    offset_mean: float | None = None
+    offset_var: float | None = None
+    offset_name: str = "b"
 
     @property
     def is_complex(self) -> bool:
@@ -688,6 +757,7 @@ def _run_loop(
     prune_ratio,
     prune_abs,
     gamma0,
+    offset_prior,
     *,
     mstep,
     learn_noise,
@@ -710,7 +780,18 @@ def _run_loop(
     def body(carry):
         s, h = carry
         new = _step(
-            s, op, y, mstep, learn_noise, prune_ratio, prune_abs, sweeps, coupling, form, refine
+            s,
+            op,
+            y,
+            mstep,
+            learn_noise,
+            prune_ratio,
+            prune_abs,
+            sweeps,
+            coupling,
+            form,
+            refine,
+            offset_prior,
         )
         active = math.prod(jnp.sum(m) for m in new.masks)
         col = jnp.stack([new.cost, new.rel_change, active.astype(rdtype)])
@@ -719,8 +800,17 @@ def _run_loop(
 
     state, hist = lax.while_loop(cond, body, (state, hist))
     gammas, masks = _prune(list(state.gammas), list(state.masks), prune_ratio, prune_abs)
-    mu, var, cost = kron_posterior(op, gammas, state.noise_var, y, form=form)
-    return state._replace(gammas=tuple(gammas), masks=tuple(masks), mu=mu, var=var, cost=cost), hist
+    mu, var, cost, b_mean, b_var = _posterior(op, gammas, state.noise_var, y, form, offset_prior)
+    state = state._replace(
+        gammas=tuple(gammas),
+        masks=tuple(masks),
+        mu=mu,
+        var=var,
+        cost=cost,
+        offset_mean=b_mean,
+        offset_var=b_var,
+    )
+    return state, hist
 
 
 def _validate_y(op, y, is_complex=None):
@@ -776,6 +866,7 @@ def run(
     refine: str = "none",
     is_complex: bool | None = None,
     dtype=None,
+    offset_prior=None,
 ) -> SBLResult:
     """EM to convergence on a Kronecker dictionary (a jitted ``lax.while_loop``).
 
@@ -799,6 +890,11 @@ def run(
     :param coupling: ``{mode: beta}`` pattern coupling of block-sparse modes (AM only).
     :param form: E-step route, ``"measurement"`` or ``"parameter"``.
     :param refine: SVD M-step refinement, ``"none"`` or ``"hopm"``.
+    :param offset_prior: ``(m0, s0)`` for ``y = Φx + b·1 + n`` with one unknown offset
+        ``b ~ N(m0, s0²)`` shared by every entry of a real ``y [M]``: b is integrated out
+        exactly (a rank-one update of the marginal covariance, so the E-step stays
+        Kronecker-structured), the result's ``offset_mean``/``offset_var`` are its posterior,
+        and the σ² update counts it as one more coefficient. ``None`` (default): no offset.
     :return: :class:`SBLResult`.
 
     Example::
@@ -835,6 +931,7 @@ def run(
         raise ValueError(f"sweeps must be >= 1 or None, got {sweeps}")
     prune_ratio, sweeps = _resolve(mstep, preset, prune_ratio, sweeps)
     learn = noise_var is None if learn_noise is None else bool(learn_noise)
+    offset_prior = _check_offset_prior(offset_prior, op, y)
     shape = (op.shape[1],) if mstep == "classic" else op.in_shape
     with jax.enable_x64(True):
         cplx = op.is_complex or jnp.iscomplexobj(y)
@@ -860,6 +957,7 @@ def run(
             jnp.asarray(prune_ratio, rdtype),
             jnp.asarray(prune_abs, rdtype),
             jnp.asarray(gamma0, rdtype),
+            None if offset_prior is None else tuple(jnp.asarray(v, rdtype) for v in offset_prior),
             mstep=mstep,
             learn_noise=learn,
             max_iter=int(max_iter),
@@ -892,7 +990,29 @@ def run(
         y=np.asarray(y),
         shape=tuple(op.in_shape),
         masks=[np.asarray(m) for m in state.masks],
+        offset_mean=None if offset_prior is None else float(state.offset_mean),
+        offset_var=None if offset_prior is None else float(state.offset_var),
     )
+
+
+def _check_offset_prior(offset_prior, op, y):
+    """``(m0, s0)`` as floats (finite, ``s0 > 0``) for a real ``y [M]``, or ``None``."""
+    if offset_prior is None:
+        return None
+    try:
+        m0, s0 = (float(v) for v in offset_prior)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"offset_prior must be a pair (loc, scale) of numbers, got {offset_prior!r}"
+        ) from None
+    if not (math.isfinite(m0) and math.isfinite(s0) and s0 > 0):
+        raise ValueError(f"offset_prior must be (finite loc, finite scale > 0), got {offset_prior}")
+    if np.ndim(y) != 1 or op.is_complex or np.iscomplexobj(y):
+        raise ValueError(
+            "offset_prior needs real observations y [M] (one snapshot, real dictionary); "
+            "for snapshots or complex data use NUTS or SVI on the model"
+        )
+    return m0, s0
 
 
 def _block_coupling(block_sizes, num_modes, beta=0.8):
@@ -969,13 +1089,155 @@ def fit(
     )
 
 
-def fit_model(model, y, *, model_kwargs: Mapping | None = None, **options) -> SBLResult:
-    """:func:`fit` on the dictionary of a model: the factors are read from its trace.
+#: What EM cannot do, and what can (the error messages of :func:`fit_model` name it).
+_OTHER_ROUTE = (
+    "EM for (Kronecker) SBL handles y ~ Normal(Φx + b, σ²) with x ~ Normal(0, √γ), γ and σ² "
+    "as param sites and an optional offset b ~ Normal(m0, s0); run ppl.inference.NUTS or "
+    "ppl.inference.SVI on the model instead"
+)
 
-    The model must record its dictionary as a ``KronOperator`` in the ``fn`` of its observed
-    site's ``infer`` dict (``infer={"kron_operator": op}``), or take it as keyword
-    ``factors`` (as :func:`ppl.models.krosbl.krosbl_model` does); its ``noise_var`` keyword
-    (if given) is used as the known σ².
+
+def _base_fn(fn):
+    import numpyro.distributions as dist
+
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+def _read_sbl_model(tr, kwargs):
+    """Classify the sites of an SBL model's trace (``y=None``) or raise ``ValueError``.
+
+    :return: ``(op, lik_names, coef_names, offset)``: the dictionary, the likelihood and
+        coefficient sites, and ``None`` or ``(name, m0, s0)`` of the additive offset.
+    """
+    import numpyro.distributions as dist
+
+    from ppl.transforms.kronecker import KronSBLMarginal
+
+    lik = [n for n, s in tr.items() if s["type"] == "sample" and "kron_operator" in s["infer"]]
+    if lik:
+        op = tr[lik[-1]]["infer"]["kron_operator"]
+    elif "factors" in kwargs:
+        op = KronOperator(kwargs["factors"])
+        lik = [n for n in ("y", "y_re", "y_im") if n in tr and tr[n]["type"] == "sample"]
+    else:
+        raise ValueError(
+            "fit_model: the model's trace records no KronOperator (infer={'kron_operator': op}) "
+            "and no 'factors' keyword was given"
+        )
+    if not lik:
+        raise ValueError(f"fit_model: the model has no observed site 'y'. {_OTHER_ROUTE}")
+    for name in lik:
+        fn = _base_fn(tr[name]["fn"])
+        if type(fn) not in (dist.Normal, KronSBLMarginal):
+            raise ValueError(
+                f"site {name!r} has a {type(fn).__name__} likelihood; EM needs a Normal one. "
+                + _OTHER_ROUTE
+            )
+    num_modes = op.num_modes
+    hyper = {"gamma", "noise_var"} | {f"gamma_{i + 1}" for i in range(num_modes)}
+    coef, offset, other = [], [], []
+    for name, site in tr.items():
+        if name in lik or site["type"] not in ("sample", "param"):
+            continue
+        if site["type"] == "param":
+            if name not in hyper:
+                other.append(name)
+            continue
+        fn = _base_fn(site["fn"])
+        if site["is_observed"]:
+            other.append(name)
+        elif name in hyper:
+            raise ValueError(
+                f"site {name!r} is a sample site (a hyperprior); EM estimates γ and σ² as "
+                f"parameters (type-II maximum likelihood): drop hyperprior. {_OTHER_ROUTE}"
+            )
+        elif name in ("x", "x_re", "x_im") and type(fn) is dist.Normal:
+            coef.append(name)
+        elif type(fn) is dist.Normal and jnp.shape(site["value"]) == ():
+            offset.append(name)
+        else:
+            other.append(name)
+    if other or len(offset) > 1:
+        names = other + (offset if len(offset) > 1 else [])
+        raise ValueError(f"model has sites EM cannot update: {names}. {_OTHER_ROUTE}")
+    if offset:
+        fn = _base_fn(tr[offset[0]]["fn"])
+        offset = (offset[0], float(fn.loc), float(fn.scale))
+    else:
+        offset = None
+    return op, lik, coef, offset
+
+
+def _check_sbl_mean(model, tr, kwargs, op, lik, coef, offset):
+    """Replay the model at a random x (and offset) and check that y's mean is ``Φx + b``,
+    its variance σ² and x's prior variance the traced γ."""
+    from numpyro import handlers
+
+    rng = np.random.default_rng(0)
+    n = op.shape[1]
+    subs = {c: rng.normal(size=n) for c in coef}
+    if offset is not None:
+        subs[offset[0]] = np.asarray(0.7317)
+    tr2 = handlers.trace(handlers.substitute(handlers.seed(model, 0), subs)).get_trace(
+        y=None, **kwargs
+    )
+    x = subs["x"] if "x" in subs else subs["x_re"] + 1j * subs["x_im"]
+    mean = np.asarray(op.matvec(jnp.asarray(x)))
+    if offset is not None:
+        mean = mean + 0.7317
+    want = {"y": mean} if "x" in subs else {"y_re": mean.real, "y_im": mean.imag}
+    noise_var = kwargs.get("noise_var")
+    if noise_var is None and "noise_var" in tr2:
+        noise_var = tr2["noise_var"]["value"]
+    half = 1.0 if "x" in subs else 0.5
+    gamma = None
+    for name in ("gamma_coupled", "gamma"):
+        if name in tr2:
+            gamma = np.asarray(tr2[name]["value"])
+            break
+    for name, m in want.items():
+        fn = _base_fn(tr2[name]["fn"])
+        loc = np.broadcast_to(np.asarray(fn.loc), m.shape)
+        if not np.allclose(loc, m, rtol=1e-6, atol=1e-8 * (1 + np.abs(m).max())):
+            raise ValueError(
+                f"the mean of site {name!r} is not Φx{' + ' + offset[0] if offset else ''} "
+                f"(the dictionary times the coefficients{', plus the offset' if offset else ''}). "
+                + _OTHER_ROUTE
+            )
+        if noise_var is not None and not np.allclose(
+            np.asarray(fn.scale) ** 2, half * np.asarray(noise_var), rtol=1e-6
+        ):
+            raise ValueError(f"the variance of site {name!r} is not σ² (noise_var). {_OTHER_ROUTE}")
+    for name in coef:
+        fn = _base_fn(tr2[name]["fn"])
+        ok = np.allclose(np.asarray(fn.loc), 0.0)
+        if gamma is not None:
+            ok = ok and np.allclose(np.asarray(fn.scale) ** 2, half * gamma, rtol=1e-6)
+        if not ok:
+            raise ValueError(f"site {name!r} must have the prior Normal(0, √γ). {_OTHER_ROUTE}")
+
+
+def fit_model(model, y, *, model_kwargs: Mapping | None = None, **options) -> SBLResult:
+    """:func:`fit` on a NumPyro SBL model: the dictionary and the structure come from its trace.
+
+    The model must record its dictionary as a ``KronOperator`` in the ``infer`` dict of its
+    observed site (``infer={"kron_operator": op}``), or take it as keyword ``factors`` (as
+    :func:`ppl.models.krosbl.krosbl_model` does). The trace is checked before any work; EM
+    handles
+
+    * ``y ~ Normal(Φx, σ)`` (or ``KronSBLMarginal``; complex: ``y_re``, ``y_im``) with
+      ``x ~ Normal(0, √γ)`` and the hyperparameters ``gamma``/``gamma_i`` as ``param`` sites;
+    * σ²: the model's ``noise_var`` keyword if given (known), else learned by the EM update;
+    * an additive offset: one scalar latent ``b ~ Normal(m0, s0)`` added to every entry of
+      the mean, integrated out exactly (``offset_prior`` of :func:`run`); its posterior is
+      the result's ``offset_mean``/``offset_var`` (``offset_name``: the site);
+    * pattern coupling given as the model's ``coupling`` keyword (passed on to :func:`fit`).
+
+    Any other site (another likelihood, a hyperprior, other latent or param sites, a mean
+    that is not ``Φx (+ b)``) is a ``ValueError`` naming it: use ``ppl.inference.NUTS`` or
+    ``ppl.inference.SVI`` on the model.
 
     :param model: a NumPyro model such as :func:`ppl.models.krosbl.krosbl_model`.
     :param y: observations ``[M]``.
@@ -997,22 +1259,30 @@ def fit_model(model, y, *, model_kwargs: Mapping | None = None, **options) -> SB
     from numpyro import handlers
 
     kwargs = dict(model_kwargs or {})
-    tr = handlers.trace(handlers.seed(model, 0)).get_trace(y=None, **kwargs)
-    op = None
-    for site in tr.values():
-        found = site.get("infer", {}).get("kron_operator") if isinstance(site, dict) else None
-        if found is not None:
-            op = found
-    if op is None and "factors" in kwargs:
-        op = KronOperator(kwargs["factors"])
-    if op is None:
-        raise ValueError(
-            "fit_model: the model's trace records no KronOperator (infer={'kron_operator': op}) "
-            "and no 'factors' keyword was given"
-        )
+    with jax.enable_x64(True):
+        tr = handlers.trace(handlers.seed(model, 0)).get_trace(y=None, **kwargs)
+        op, lik, coef, offset = _read_sbl_model(tr, kwargs)
+        if coef:
+            _check_sbl_mean(model, tr, kwargs, op, lik, coef, offset)
+        elif offset is not None:
+            raise ValueError(
+                f"site {offset[0]!r}: an offset needs the coefficient site 'x' "
+                f"(marginal=False). {_OTHER_ROUTE}"
+            )
     if "noise_var" in kwargs and "noise_var" not in options and kwargs["noise_var"] is not None:
         options["noise_var"] = kwargs["noise_var"]
-    return fit(op, y, **options)
+    if kwargs.get("coupling") and "coupling" not in options and "block_sizes" not in options:
+        options["coupling"] = kwargs["coupling"]
+    if offset is not None:
+        if "offset_prior" in options:
+            raise ValueError(
+                f"offset_prior is read from the model's site {offset[0]!r}; do not pass it too"
+            )
+        options["offset_prior"] = offset[1:]
+    result = fit(op, y, **options)
+    if offset is not None:
+        result.offset_name = offset[0]
+    return result
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -1178,6 +1448,8 @@ def _to_inference_data(result: SBLResult, *, key=None, num_samples: int = 0):
     for i, g in enumerate(result.gammas):
         post[f"gamma_{i + 1}"] = np.asarray(g)
     post["noise_var"] = np.asarray(result.noise_var)
+    if result.offset_mean is not None:
+        post[result.offset_name] = np.asarray(result.offset_mean)
     post_ds = xr.Dataset(
         {
             k: (("chain", "draw") + tuple(f"{k}_dim_{d}" for d in range(v.ndim)), v[None, None])
