@@ -66,6 +66,7 @@ from numpyro.infer.util import log_likelihood
 from numpyro.primitives import Messenger
 
 import ppl
+from ppl.sparse import SparseTensor, to_dense
 
 __all__ = [
     "to_inference_data",
@@ -350,6 +351,23 @@ def build_inference_data(
 # ---------------------------------------------------------------------------
 
 
+def _bind_sparse_guide(result, model, guide):
+    """``(model, guide)``, with a bare sparse-subspace guide bound to ``result.state``."""
+    from ppl.transforms.subspace import SparseGuide, SubspaceState, restrict_prior
+
+    if not isinstance(guide, SparseGuide):
+        return model, guide
+    state = getattr(result, "state", None)
+    if not isinstance(state, SubspaceState):
+        raise ValueError(
+            "guide is a sparse-subspace guide, which needs its active sets: pass the SSVI "
+            "result (it carries .state), or the bound pair "
+            "model_r, guide_r = guide.bind(state) as model and guide"
+        )
+    # restrict_prior leaves a site already restricted (a model from guide.bind) unchanged
+    return restrict_prior(model, state), guide.bind(state)[1]
+
+
 def _split_result(result) -> tuple[dict, Any]:
     if isinstance(result, Mapping):
         return dict(result), None
@@ -391,7 +409,11 @@ def to_inference_data(
         ``-objective`` per step), e.g. :class:`ppl.inference.SVIRunResult` -- or a plain
         dict of constrained param values.
     :param model: the NumPyro model the guide approximates.
-    :param guide: the guide (same signature as ``model``).
+    :param guide: the guide (same signature as ``model``). A sparse-subspace guide
+        (:func:`ppl.transforms.sparse_subspace`) is bound to ``result.state`` (an
+        :class:`ppl.inference.SSVIResult`), or pass the pair ``guide.bind(state)``. Sparse
+        sites (:class:`ppl.sparse.SparseTensor` draws) are reported dense, zeros off the
+        active set, with the site's dense shape (Li et al., ICLR 2024).
     :param args: positional arguments of ``model`` and ``guide`` (including observed data).
     :param int num_samples: guide draws (``draw`` dim; ``chain`` has size 1); default 1000.
     :param key: PRNG key for the draws and the posterior predictive; ``PRNGKey(0)`` if
@@ -443,12 +465,17 @@ def to_inference_data(
         ):
             raise ValueError(f"result.params[{name!r}] has non-finite values (NaN or inf)")
     check_model_args(model, args, kwargs)
+    model, guide = _bind_sparse_guide(result, model, guide)
 
     key_guide, key_model = jax.random.split(key)
     guide_draws = Predictive(guide, params=params, num_samples=num_samples, parallel=True)(
         key_guide, *args, **kwargs
     )
-    samples = {k: jnp.expand_dims(v, 0) for k, v in guide_draws.items()}
+    # sparse sites: densify the draws (zeros off the active set), [num, *dense_shape]
+    samples = {
+        k: jnp.expand_dims(to_dense(v) if isinstance(v, SparseTensor) else v, 0)
+        for k, v in guide_draws.items()
+    }
 
     stats = None
     attrs = {"inference": "svi", "num_samples": num_samples}

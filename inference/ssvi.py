@@ -162,13 +162,15 @@ class SSVIResult:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
 
     def sample_posterior(self, key, num_samples: int) -> dict:
-        """Guide draws ``{site: [num, s]}`` (sparse: active values) or ``[num, *shape]``."""
+        """Guide draws ``{site: [num, s]}`` (sparse: active values) or ``[num, *shape]``
+        (dense sites, in their support: a constrained site's Normal draw is pushed through
+        ``biject_to(support)``)."""
         out = {}
-        for k, name in enumerate(self.guide.sites):
+        for k, (name, site) in enumerate(self.guide.sites.items()):
             loc = self.params[name + "_loc"]
             scale = jax.nn.softplus(self.params[name + "_rho"])
             eps = jax.random.normal(jax.random.fold_in(key, k), (num_samples,) + loc.shape)
-            out[name] = loc + scale * eps
+            out[name] = site.constrain(loc + scale * eps)
         return out
 
     def to_inference_data(
@@ -404,7 +406,7 @@ class SSVI:
         for name, site in info.items():
             loc = params[name + "_loc"]
             if site.nse is None:
-                fixed[name] = loc
+                fixed[name] = site.constrain(loc)
             else:
                 flat = jnp.zeros(site.size, loc.dtype).at[state.idx[name]].set(loc)
                 dense[name] = flat.reshape(site.shape)

@@ -31,6 +31,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import erfc, log_ndtr
+from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, trace
 from numpyro.primitives import Messenger
 
@@ -152,6 +153,22 @@ class _SiteInfo(NamedTuple):
     shape: tuple
     size: int
     nse: int | None  # None: dense mean-field site
+    # dense site with a constrained support: biject_to(support), from the unconstrained
+    # space of the site's Normal to the support (None: a real-valued site)
+    transform: object = None
+
+    @property
+    def param_shape(self) -> tuple:
+        """The shape of the site's ``loc``/``rho`` params."""
+        if self.nse is not None:
+            return (self.nse,)
+        if self.transform is not None:
+            return tuple(self.transform.inverse_shape(self.shape))
+        return self.shape
+
+    def constrain(self, value):
+        """A value of the site's Normal (unconstrained) mapped to the site's support."""
+        return value if self.transform is None else self.transform(value)
 
 
 def _check_density(density):
@@ -181,8 +198,11 @@ class SparseGuide:
     """The guide made by :func:`sparse_subspace` (call it as ``guide(*args, support=state)``).
 
     Params: ``"{site}_loc"``, ``"{site}_rho"`` of shape ``(s,)`` for sparse sites and of the
-    site's shape for dense mean-field sites (σ = softplus(ρ)). Sparse sites sample a
-    :class:`ppl.sparse.SparseTensor`.
+    site's (unconstrained) shape for dense mean-field sites (σ = softplus(ρ)). Sparse sites
+    sample a :class:`ppl.sparse.SparseTensor`; a dense site with a constrained support (a
+    Gamma noise precision, a HalfNormal prior scale) samples
+    ``TransformedDistribution(Normal(loc, σ), biject_to(support))``, the mean-field Normal on
+    the unconstrained space of ``numpyro.infer.autoguide.AutoNormal``.
     """
 
     def __init__(
@@ -214,7 +234,7 @@ class SparseGuide:
             for name, site in tr.items():
                 if site["type"] == "sample" and not site["is_observed"]:
                     fn = site["fn"]
-                    found[name] = (fn, tuple(jnp.shape(site["value"])))
+                    found[name] = (fn, tuple(jnp.shape(site["value"])), _support_fixed(fn))
             return 0
 
         jax.eval_shape(run)
@@ -235,7 +255,7 @@ class SparseGuide:
         if self.requested_sites is None:
             chosen = [
                 n
-                for n, (fn, shape) in found.items()
+                for n, (fn, shape, _) in found.items()
                 if len(shape) >= 2
                 and _is_normal(fn)
                 and (not isinstance(self.density, Mapping) or n in self.density)
@@ -258,17 +278,12 @@ class SparseGuide:
         else:
             per_site = {n: self.density for n in sparse_shapes}
         info = {}
-        for name, (fn, shape) in found.items():
+        for name, (fn, shape, fixed) in found.items():
             size = math.prod(shape)
             if name in sparse_shapes:
                 info[name] = _SiteInfo(shape, size, num_active(per_site[name], size))
             else:
-                if not _real_support(fn):
-                    raise TypeError(
-                        f"site {name!r} has a constrained support; the sparse-subspace guide "
-                        "handles real-valued sites only"
-                    )
-                info[name] = _SiteInfo(shape, size, None)
+                info[name] = _SiteInfo(shape, size, None, _dense_transform(fn, name, fixed))
         self.sites = info
         return info
 
@@ -303,8 +318,8 @@ class SparseGuide:
         m0, m_sd = self.init_loc
         s0, s_sd = self.init_scale
         for name, site in info.items():
-            n = site.nse if site.nse is not None else None
-            shape = (n,) if n is not None else site.shape
+            n = site.nse
+            shape = site.param_shape
             fan_in = math.prod(site.shape[:-1]) if len(site.shape) > 1 else 1
             if n is not None:
                 fan_in = max(1.0, fan_in * n / site.size)
@@ -323,8 +338,11 @@ class SparseGuide:
             scale = jax.nn.softplus(rho)
             if n is not None:
                 numpyro.sample(name, SparseNormal(loc, scale, idx[name], site.shape))
-            else:
+            elif site.transform is None:
                 numpyro.sample(name, dist.Normal(loc, scale).to_event(len(site.shape)))
+            else:
+                base = dist.Normal(loc, scale).to_event(len(shape))
+                numpyro.sample(name, dist.TransformedDistribution(base, site.transform))
 
     # conveniences ---------------------------------------------------------------------
     def bind(self, state) -> tuple[Callable, Callable]:
@@ -354,6 +372,44 @@ def _real_support(fn) -> bool:
     while isinstance(support, dist.constraints.independent):
         support = support.base_constraint
     return support is dist.constraints.real
+
+
+def _support_fixed(fn) -> bool:
+    """False when the support's parameters (e.g. the bounds of a Uniform) are traced: they
+    depend on the model's arguments (or on other latent sites)."""
+    support = fn.support
+    while isinstance(support, dist.constraints.independent):
+        support = support.base_constraint
+    leaves = jax.tree.leaves(getattr(support, "__dict__", {}))
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+def _dense_transform(fn, name, fixed):
+    """``None`` for a real-valued site, else ``biject_to(support)`` (a TypeError naming
+    the site for discrete, argument-dependent or unsupported supports)."""
+    if _real_support(fn):
+        return None
+    support = fn.support
+    what = f"site {name!r} ({type(fn).__name__}, support {support})"
+    if support.is_discrete:
+        raise TypeError(
+            f"{what} is discrete; the sparse-subspace guide is a Normal family over "
+            "continuous sites: marginalise the site out of the model (or observe it), or "
+            "fit the model with ppl.inference.SVI and a guide with a discrete site"
+        )
+    if not fixed:
+        raise TypeError(
+            f"{what}: the support depends on the model's arguments or on another latent "
+            "site, so no fixed bijection maps the guide's Normal onto it; sample the site "
+            "on a fixed support (e.g. Uniform(0, 1)) and shift/scale it in the model"
+        )
+    try:
+        return biject_to(support)
+    except NotImplementedError:
+        raise TypeError(
+            f"{what}: numpyro's biject_to has no transform to this support; reparametrise "
+            "the site with a real-valued latent"
+        ) from None
 
 
 def erk_densities(shapes: Mapping, density: float) -> dict:
@@ -413,7 +469,10 @@ def sparse_subspace(
     :param density: ``float`` in (0, 1] (every sparse site) or ``{site: float}``.
     :param sites: names of the sites to sparsify (default: every Normal site with ndim ≥ 2,
         or the keys of a ``density`` dict). Other latent sites get a dense mean-field Normal
-        (``sites=()``: plain dense mean-field VI, the baseline).
+        (``sites=()``: plain dense mean-field VI, the baseline); for a site with a
+        constrained support (a Gamma noise precision, a HalfNormal prior scale) that Normal
+        is on the unconstrained space, pushed through ``biject_to(support)`` as in
+        ``numpyro.infer.autoguide.AutoNormal`` (Kucukelbir et al., ADVI, JMLR 2017).
     :param dense_sites: sites kept dense (``"first"``: the first sparse site, as the
         reference keeps the first conv dense).
     :param allocation: how a float ``density`` is spread over the sparse sites:
