@@ -162,3 +162,13 @@ def test_sbl_em_learns_noise_variance_with_offset():
     assert 0.1 * np.var(y) > 2.5 * d["noise_var"]
     assert 0.7 < res.noise_var / d["noise_var"] < 1.3
     assert abs(res.offset_mean - 1.5) < 0.1
+
+
+def test_sbl_offset_prior_bad_input():
+    d = generate_synthetic(0, ns=(4, 5), ms=(3, 4), k=2, snr_db=20)
+    with pytest.raises(ValueError, match="offset_prior must be"):
+        sbl.fit(d["factors"], d["y"], offset_prior=(0.0, -1.0))
+    with pytest.raises(TypeError, match="offset_prior must be a pair"):
+        sbl.fit(d["factors"], d["y"], offset_prior=1.0)
+    with pytest.raises(ValueError, match=r"real observations y \[M\]"):
+        sbl.fit(d["factors"], np.stack([d["y"], d["y"]]), offset_prior=(0.0, 1.0))
