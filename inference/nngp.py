@@ -520,9 +520,18 @@ def fit(
           kernel; e.g. ``ppl.transforms.nngp.kernel_fn(net)``);
         * a network of :mod:`ppl.transforms.nngp` (``kernel_fn(unit_scale(net))`` is used);
         * a NumPyro model ``model(x, y=y, **model_kwargs)`` with a sample site ``site``
-          (``method="nuts"`` only: NUTS on all of its latent sites, the ``site`` draws are
-          kept; ``prior`` and ``noise`` are the model's own). Pass ``kernel=`` (and
-          ``noise=``) as well to enable :func:`predict`, which assumes noise on the scale.
+          (its prior and noise are the model's own: leave ``prior=None``). ``"gh"``,
+          ``"is"`` and ``"closed"`` (inverse-gamma prior) need the scale-mixture structure,
+          read from the trace by :func:`ppl.transforms.nngp.scale_structure`: the scale,
+          one Gaussian observation (in a plate or with ``.to_event``) whose covariance is
+          proportional to it and at most one latent Gaussian on the scale that is the
+          observation's mean (integrated out); any other site is a ``ValueError`` that
+          names it, raised before any inference -- use ``method="nuts"`` (NUTS on all of
+          the model's latent sites, the ``site`` draws kept), or NUTS/SVI on
+          :class:`~ppl.transforms.nngp.marginalize_scale` of the model. Pass ``kernel=``
+          (and ``noise=``) as well to enable :func:`predict`, which assumes noise on the
+          scale; for ``"gh"``/``"is"``/``"closed"`` they must reproduce the model's
+          covariance.
     :param x: inputs ``[n, d]`` or ``[n, H, W, C]`` (``[n]`` is read as ``[n, 1]``).
     :param y: targets ``[n]``, or ``[n, k]`` for k outputs sharing σ².
     :param prior: NumPyro distribution of σ² on (0, ∞): ``InverseGamma(a, b)``,
@@ -568,41 +577,46 @@ def fit(
             if _is_model(kernel_or_model, x, y, site, model_kwargs or {}):
                 model = kernel_or_model
     if model is not None:
-        if method != "nuts":
+        if prior is not None:
             raise ValueError(
-                f"a NumPyro model supports method='nuts' only, got {method!r}; for 'gh', "
-                "'is' or 'closed' pass the kernel (or net) and prior"
+                f"prior: a NumPyro model carries its own prior at site {site!r}; leave prior=None"
             )
-        _check_count("num_warmup", num_warmup)
-        return _fit_model(
-            model, x, y, kernel, noise, num_samples, num_warmup, key, site, model_kwargs or {}
+        if method == "nuts":
+            _check_count("num_warmup", num_warmup)
+            return _fit_model(
+                model, x, y, kernel, noise, num_samples, num_warmup, key, site, model_kwargs or {}
+            )
+        prior, st, common = _model_statistics(
+            model, x, y, method, kernel, noise, site, model_kwargs or {}
         )
-    if noise is None:
-        raise ValueError("noise (τ² > 0, on the scale of the signal) is required")
-    _check_prior(prior)
+    else:
+        if noise is None:
+            raise ValueError("noise (τ² > 0, on the scale of the signal) is required")
+        _check_prior(prior)
     if method == "closed" and not isinstance(prior, dist.InverseGamma):
         raise ValueError(
             f"method='closed' needs an InverseGamma prior (conjugate), got "
             f"{type(prior).__name__}; use method='gh'"
         )
-    kern = _as_kernel(kernel_or_model)
     if method == "nuts":
         _check_count("num_warmup", num_warmup)
     with x64():
-        st = _stats_checked(kern, x, y, noise)
-        common = dict(
-            chol=st.chol,
-            alpha=st.alpha,
-            x=x,
-            kernel=kern,
-            noise=float(noise),
-            jitter_noise=float(st.noise),
-            prior=prior,
-            method=method,
-            beta=float(st.beta),
-            logdet=float(st.logdet),
-            num_obs=float(st.num_obs),
-        )
+        if model is None:
+            kern = _as_kernel(kernel_or_model)
+            st = _stats_checked(kern, x, y, noise)
+            common = dict(
+                chol=st.chol,
+                alpha=st.alpha,
+                x=x,
+                kernel=kern,
+                noise=float(noise),
+                jitter_noise=float(st.noise),
+                prior=prior,
+                method=method,
+                beta=float(st.beta),
+                logdet=float(st.logdet),
+                num_obs=float(st.num_obs),
+            )
         args = (prior, st.beta, st.logdet, st.num_obs)
         if isinstance(prior, dist.Delta):
             u = math.log(float(prior.v))
@@ -691,6 +705,66 @@ def _nuts_posterior(draws, **fields):
 def _fit_nuts(prior, beta, logdet, num_obs, num_samples, num_warmup, key, common):
     samples = _run_nuts(_scale_model, key, num_samples, num_warmup, prior, beta, logdet, num_obs)
     return _nuts_posterior(samples["scale"], **common)
+
+
+def _model_statistics(model, x, y, method, kernel, noise, site, model_kwargs):
+    """``(prior, GaussianStats, ScalePosterior fields)`` of a NumPyro model whose only
+    randomness is the scale ``site``, a Gaussian observation with covariance on it and
+    optionally a latent Gaussian on it (integrated out), read from its trace by
+    :func:`ppl.transforms.nngp.scale_structure`. ``ValueError`` for any other site, before
+    any inference is run."""
+    who = f"fit(method={method!r})"
+    args, kwargs = (x,), dict(y=y, **model_kwargs)
+    with x64():
+        structure = _tn.scale_structure(model, site, args, kwargs, who=who)
+        extra = (*structure.before, *structure.others)
+        if extra:
+            raise ValueError(
+                f"{who} integrates over the scale {site!r} alone, but site {extra[0]!r} is neither "
+                "the scale, the Gaussian observation nor a latent Gaussian on the scale; use "
+                "method='nuts' (NUTS on the whole model), or NUTS or SVI on "
+                "ppl.transforms.nngp.marginalize_scale(model) for an InverseGamma scale"
+            )
+        prior = model_prior = structure.prior
+        _check_prior(prior)
+        probe = _tn._Marginalize(None, structure, replace=False)
+        with numpyro.handlers.block(), probe:
+            numpyro.handlers.seed(model, 0)(*args, **kwargs)
+        value, loc, cov = (jnp.asarray(v, jnp.float64) for v in probe.obs)
+        beta, logdet, num_obs, chol, alpha = _tn.unit_scale_statistics(value, loc, cov)
+        st = GaussianStats(
+            np.asarray(chol), np.asarray(alpha), float(beta), float(logdet), float(num_obs), None
+        )
+        if not np.all(np.isfinite(st.chol)):
+            raise ValueError(
+                f"{who}: the Cholesky factor of the covariance of {structure.observed!r} at unit "
+                "scale is not finite; check the model's covariance (jitter, noise)"
+            )
+        fields = dict(x=x, prior=model_prior, method=method, beta=st.beta, logdet=st.logdet)
+        fields["num_obs"] = st.num_obs
+        if kernel is not None:
+            if noise is None:
+                raise ValueError("kernel= needs noise= (τ²) as well, to enable predict")
+            kern = _as_kernel(kernel)
+            ks = _stats_checked(kern, x, y, noise)
+            if not (
+                np.isclose(float(ks.beta), st.beta, rtol=1e-6)
+                and np.isclose(float(ks.logdet), st.logdet, rtol=1e-6, atol=1e-6)
+                and np.all(np.asarray(loc) == 0)
+            ):
+                raise ValueError(
+                    f"kernel= and noise= do not reproduce the model's covariance of "
+                    f"{structure.observed!r} (yᵀC⁻¹y {float(ks.beta):.6g} vs the model's "
+                    f"{st.beta:.6g}, or a non-zero mean); predict needs the model's own kernel"
+                )
+            fields.update(
+                chol=ks.chol,
+                alpha=ks.alpha,
+                kernel=kern,
+                noise=float(noise),
+                jitter_noise=float(ks.noise),
+            )
+    return prior, st, fields
 
 
 def _fit_model(model, x, y, kernel, noise, num_samples, num_warmup, key, site, model_kwargs):

@@ -74,6 +74,7 @@ __all__ = [
     "Flatten",
     "Identity",
     "LeakyRelu",
+    "MARGINALIZED",
     "Relu",
     "infinite_width",
     "kernel_fn",
@@ -81,8 +82,10 @@ __all__ = [
     "network",
     "parallel",
     "scale_mixture",
+    "scale_structure",
     "serial",
     "unit_scale",
+    "unit_scale_statistics",
 ]
 
 #: Message type of the :func:`network` primitive.
@@ -862,95 +865,297 @@ def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-class _ScaleProbe(Messenger):
-    """One pass of :class:`marginalize_scale`: fixes ``site`` to ``scale_value`` and the
-    latent Gaussians after it to a probe value, and reads the observation's covariance."""
+#: Message type given to the sites :class:`marginalize_scale` integrates out (the scale and a
+#: latent Gaussian on it). ``trace`` records them, but nothing scores them or collects them
+#: as samples or deterministics, so a posterior never reports their placeholder values; use
+#: :meth:`marginalize_scale.sample_posterior` for their posterior draws.
+MARGINALIZED = "nngp_marginalized"
 
-    def __init__(self, fn, site, scale_value, replace):
-        self.site, self.scale_value, self.replace = site, scale_value, replace
+
+def _probe_value(loc, shift):
+    """A fixed, non-degenerate value for a latent Gaussian: ``loc + shift + i/n``."""
+    n = loc.shape[-1]
+    return loc + shift + jnp.arange(n, dtype=loc.dtype) / n
+
+
+class _Probe(Messenger):
+    """One blocked run of a model with the scale ``site`` held at ``scale_value``; records
+    every sample site after it. Latent Gaussians after the scale get the fixed value
+    :func:`_probe_value` (``shifts`` maps a name to its shift, 1 by default), so that two
+    runs differ only through the scale."""
+
+    def __init__(self, fn, site, scale_value, shifts=None):
+        self.site, self.scale_value, self.shifts = site, scale_value, shifts or {}
         super().__init__(fn)
 
     def __enter__(self):
         self.prior = None
-        self.latent = {}  # name -> (probe value, covariance)
-        self.observed = None  # (name, covariance)
+        self.before = []  # sample sites before the scale
+        self.sites = {}  # name -> record, in program order
         return super().__enter__()
-
-    def _reject(self, why):
-        raise ValueError(f"marginalize_scale: cannot marginalise site {self.site!r}: {why}")
 
     def process_message(self, msg):
         if msg["type"] != "sample":
             return
         name = msg["name"]
         if name == self.site:
-            prior = _unwrap(msg["fn"])
-            if not isinstance(prior, dist.InverseGamma):
-                self._reject(f"its prior is {type(prior).__name__}, not InverseGamma(a, b)")
             if msg["is_observed"]:
-                self._reject("it is observed")
-            self.prior = prior
+                raise ValueError(f"cannot marginalise site {name!r}: it is observed")
+            self.prior = msg["fn"]
             msg["value"] = jnp.asarray(self.scale_value, jnp.result_type(float))
-            msg["type"] = "deterministic"
+            msg["type"] = MARGINALIZED
             return
         if self.prior is None:
-            return  # sites before the scale (hyperparameters) are left alone
+            self.before.append(name)
+            return
         gauss = _gaussian_cov(msg["fn"])
-        if not msg["is_observed"]:
-            if gauss is None or self.latent:
-                self._reject(f"latent site {name!r} after it is not a single Gaussian")
-            loc, cov = gauss
-            probe = loc + 1.0 + jnp.arange(loc.shape[-1], dtype=loc.dtype) / loc.shape[-1]
-            self.latent[name] = (loc, probe, cov)
-            msg["value"] = probe
-            msg["type"] = "deterministic"
-            return
-        if msg.get("cond_indep_stack"):
-            self._reject(f"the observation {name!r} is inside a plate; give it .to_event(1)")
-        if gauss is None:
-            self._reject(
-                f"the observation {name!r} is {type(_unwrap(msg['fn'])).__name__}, not Gaussian"
+        self.sites[name] = {
+            "fn": msg["fn"],
+            "gauss": gauss,
+            "observed": msg["is_observed"],
+            "scale": msg["scale"],
+            "value": msg["value"],
+        }
+        if gauss is not None and not msg["is_observed"]:
+            msg["value"] = _probe_value(gauss[0], self.shifts.get(name, 1.0))
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.sites:
+            self.sites[msg["name"]]["value"] = msg["value"]
+
+
+class _Structure(NamedTuple):
+    """How a model's sites relate to its scale site (read from probe runs of the trace)."""
+
+    site: str
+    prior: Any  # the scale's prior (the distribution at the site, unwrapped)
+    observed: str  # the Gaussian observation whose covariance is proportional to the scale
+    latent: str | None  # a latent Gaussian on the scale that is the observation's mean
+    others: tuple  # sites after the scale that do not depend on it
+    before: tuple  # sample sites before the scale
+
+
+def _close(a, b, rtol=1e-6):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    return bool(
+        np.allclose(a, b, rtol=rtol, atol=rtol * max(np.max(np.abs(a), initial=0.0), 1e-30))
+    )
+
+
+def scale_structure(fn, site, args=(), kwargs=None, *, who="marginalize_scale") -> _Structure:
+    """Read the scale-mixture structure of a NumPyro model from its trace.
+
+    Runs ``fn`` (blocked, seeded) with ``site`` held at 1 and at 2 and, where a latent
+    Gaussian sits on the scale, once more with that latent moved. Accepted: sites before the
+    scale (left alone), sites after it whose law does not change with it (e.g. an intercept),
+    one observed Gaussian ``y`` (in plates or with ``.to_event``) whose covariance is
+    proportional to the scale, and at most one latent Gaussian ``f`` with covariance
+    proportional to the scale whose value enters the mean of ``y`` as ``f + (terms free of
+    f)``. Anything else is a ``ValueError`` naming the site.
+
+    :param fn: a NumPyro model.
+    :param site: the name of its scale (variance) site.
+    :param args, kwargs: the model's arguments (with the data observed).
+    :param who: the caller's name, for the error messages.
+    :return: the structure: ``prior``, ``observed``, ``latent`` (or None), ``others``,
+        ``before``. With traced (non-concrete) arguments the checks are skipped and the first
+        latent Gaussian after the scale is taken as ``f``.
+
+    Example:
+
+    >>> def model(y=None):
+    ...     s = numpyro.sample("scale", dist.InverseGamma(2.0, 2.0))
+    ...     c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    ...     with numpyro.plate("n", 3):
+    ...         numpyro.sample("y", dist.Normal(c, jnp.sqrt(s)), obs=y)
+    >>> st = scale_structure(model, "scale", (), {"y": jnp.ones(3)})
+    >>> st.observed, st.latent, st.others
+    ('y', None, ('c',))
+    """
+    kwargs = kwargs or {}
+
+    def reject(why):
+        raise ValueError(f"{who}: cannot marginalise site {site!r}: {why}")
+
+    def run(scale_value, shifts=None):
+        probe = _Probe(None, site, scale_value, shifts)
+        try:
+            with numpyro.handlers.block(), probe:
+                numpyro.handlers.seed(fn, 0)(*args, **kwargs)
+        except ValueError as err:
+            if str(err).startswith("cannot marginalise"):
+                reject(str(err).split(": ", 1)[1])
+            raise
+        return probe
+
+    one = run(1.0)
+    if one.prior is None:
+        raise ValueError(f"{who}: the model has no sample site {site!r}")
+    observed = next(
+        (n for n, r in one.sites.items() if r["observed"] and r["gauss"] is not None), None
+    )
+    if observed is None:
+        reject("no observed Gaussian site after it (pass the data, e.g. y=...)")
+    obs = one.sites[observed]
+    if obs["scale"] is not None:
+        reject(
+            f"the observation {observed!r} is subsampled or rescaled (a scale of "
+            f"{obs['scale']}); the Student-t marginal couples all points, so use the full data"
+        )
+    if jnp.ndim(obs["value"]) not in (1, 2):
+        reject(
+            f"the observation {observed!r} has shape {jnp.shape(obs['value'])}; [n] or "
+            "[k, n] (k outputs sharing the scale) is supported"
+        )
+    latent_gauss = [n for n, r in one.sites.items() if not r["observed"] and r["gauss"] is not None]
+    gauss_values = [r["gauss"] for r in one.sites.values() if r["gauss"] is not None]
+    if not _concrete(*jax.tree_util.tree_leaves(gauss_values)):
+        latent = latent_gauss[0] if latent_gauss else None
+        others = tuple(n for n in one.sites if n not in (observed, latent))
+        return _Structure(site, _unwrap(one.prior), observed, latent, others, tuple(one.before))
+
+    two = run(2.0)
+    latent, others = None, []
+    for name, rec in one.sites.items():
+        if name == observed:
+            continue
+        rec2 = two.sites.get(name)
+        if rec2 is None:
+            reject(f"site {name!r} is only present for some values of the scale")
+        if name in latent_gauss:
+            (l1, c1), (l2, c2) = rec["gauss"], rec2["gauss"]
+            if _close(l1, l2) and _close(c1, c2):
+                others.append(name)
+                continue
+            if latent is None and _close(l1, l2) and _close(c2, 2 * c1):
+                latent = name
+                continue
+        elif _close(rec["fn"].log_prob(rec["value"]), rec2["fn"].log_prob(rec["value"])):
+            others.append(name)
+            continue
+        reject(
+            f"the law of site {name!r} changes with the scale but is not a latent Gaussian "
+            "with covariance proportional to it (only one such latent and one Gaussian "
+            "observation may depend on the scale); use NUTS or SVI on the model itself"
+        )
+    (lo1, co1), (lo2, co2) = obs["gauss"], two.sites[observed]["gauss"]
+    if latent is not None:
+        f_cov1, f_cov2 = one.sites[latent]["gauss"][1], two.sites[latent]["gauss"][1]
+        co1, co2 = co1 + f_cov1, co2 + f_cov2
+    if not (_close(lo1, lo2) and _close(co2, 2 * co1)):
+        reject(
+            f"the covariance of {observed!r} is not proportional to it (noise not on the same "
+            "scale? use the general path, ppl.inference.nngp.fit(..., method='nuts'), or NUTS "
+            "on the model)"
+        )
+    if latent is not None:
+        moved = run(1.0, {latent: 2.0}).sites[observed]["gauss"][0]
+        f_shape = jnp.shape(one.sites[latent]["value"])
+        if f_shape != jnp.shape(lo1) or not _close(moved - lo1, jnp.ones_like(lo1)):
+            reject(
+                f"the latent Gaussian {latent!r} has a covariance on the scale but the mean of "
+                f"{observed!r} is not {latent!r} plus terms free of it"
             )
-        if self.observed is not None:
-            self._reject(f"more than one observation after it ({self.observed[0]!r}, {name!r})")
-        loc, cov = gauss
-        if self.latent:
-            (f_loc, probe, f_cov) = next(iter(self.latent.values()))
-            if _concrete(loc) and not np.allclose(np.asarray(loc), np.asarray(probe)):
-                self._reject(f"the mean of {name!r} is not the latent Gaussian itself")
-            cov, loc = cov + f_cov, jnp.broadcast_to(f_loc, loc.shape)
-        self.observed = (name, cov)
-        if not self.replace:
+    if jnp.ndim(obs["value"]) == 2 and not _close(co1, jnp.broadcast_to(co1[:1], co1.shape)):
+        reject(f"the outputs (rows) of {observed!r} do not share one covariance")
+    return _Structure(site, _unwrap(one.prior), observed, latent, tuple(others), tuple(one.before))
+
+
+class _Marginalize(Messenger):
+    """Given a :class:`_Structure`: hold the scale at 1 and the latent ``f`` at a probe value
+    (both :data:`MARGINALIZED`), and read the observation's Gaussian at unit scale, with
+    ``f`` integrated out. ``replace``: make the observation the closed-form Student-t."""
+
+    def __init__(self, fn, structure: _Structure, replace: bool):
+        self.structure, self.replace = structure, replace
+        super().__init__(fn)
+
+    def __enter__(self):
+        self.prior = self.f = self.obs = None
+        return super().__enter__()
+
+    def process_message(self, msg):
+        st = self.structure
+        if msg["type"] != "sample" or msg["name"] not in (st.site, st.latent, st.observed):
             return
-        a, b = self.prior.concentration, self.prior.rate
-        tril = jnp.linalg.cholesky((b / a) * cov)
-        value = msg["value"]
-        if value.ndim == 1:
-            msg["fn"] = dist.MultivariateStudentT(2 * a, loc, tril)
+        name = msg["name"]
+        if name == st.site:
+            self.prior = _unwrap(msg["fn"])
+            if self.replace and not isinstance(self.prior, dist.InverseGamma):
+                raise ValueError(
+                    f"marginalize_scale: cannot marginalise site {name!r}: its prior is "
+                    f"{type(self.prior).__name__}, not InverseGamma(a, b)"
+                )
+            msg["value"] = jnp.asarray(1.0, jnp.result_type(float))
+            msg["type"] = MARGINALIZED
+        elif name == st.latent:
+            loc, cov = _gaussian_cov(msg["fn"])
+            self.f = (loc, cov, _probe_value(loc, 1.0))
+            msg["value"] = self.f[2]
+            msg["type"] = MARGINALIZED
         else:
-            if not _concrete(cov) or not np.allclose(np.asarray(cov), np.asarray(cov[0])):
-                if _concrete(cov):
-                    self._reject(f"the outputs of {name!r} do not share one covariance")
-            msg["fn"] = SharedScaleStudentT(2 * a, loc, tril[0], value.shape[0])
+            loc, cov = _gaussian_cov(msg["fn"])
+            if self.f is not None:
+                f_loc, f_cov, probe = self.f
+                loc, cov = f_loc + (loc - probe), cov + f_cov
+            value = msg["value"]
+            cov = cov if value.ndim == 1 else cov.reshape(-1, *cov.shape[-2:])[0]
+            self.obs = (value, jnp.broadcast_to(loc, value.shape), cov)
+            if self.replace:
+                a, b = self.prior.concentration, self.prior.rate
+                tril = jnp.linalg.cholesky((b / a) * cov)
+                if value.ndim == 1:
+                    msg["fn"] = dist.MultivariateStudentT(2 * a, self.obs[1], tril)
+                else:
+                    msg["fn"] = SharedScaleStudentT(2 * a, self.obs[1], tril, value.shape[0])
+                msg["cond_indep_stack"] = []  # the marginal couples the plate's points
+
+
+def unit_scale_statistics(value, loc, cov):
+    """``(β, ln|C|·k, N)`` of ``value ~ N(loc, σ²·C)``: β = Σ_k (y_k − loc_k)ᵀC⁻¹(y_k − loc_k)
+    over the rows of a ``[k, n]`` value (or one ``[n]`` row), N = its size; also returns the
+    Cholesky factor of ``C`` ``[n, n]`` and ``C⁻¹(y − loc)`` (value layout).
+
+    Example:
+
+    >>> beta, logdet, n, _, _ = unit_scale_statistics(jnp.ones(2), jnp.zeros(2), 2 * jnp.eye(2))
+    >>> round(float(beta), 6), round(float(logdet), 4), n
+    (1.0, 1.3863, 2)
+    """
+    chol = jnp.linalg.cholesky(cov)
+    r = (value - loc).T  # [n] or [n, k]
+    alpha = jax.scipy.linalg.cho_solve((chol, True), r)
+    rows = 1 if value.ndim == 1 else value.shape[0]
+    logdet = 2.0 * rows * jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return jnp.sum(r * alpha), logdet, int(np.prod(value.shape)), chol, alpha.T
 
 
 class marginalize_scale:
     """Integrate an inverse-gamma readout scale out in closed form.
 
-    If ``site ~ InverseGamma(a, b)`` and, given it, the observation y is Gaussian with
-    covariance ``scale·C`` (``y ~ MVN(loc, scale·C)``, or a latent ``f ~ MVN(0, scale·K)``
-    with ``y ~ Normal(f, √scale·τ)``), then marginally y is multivariate Student-t with
-    ``df = 2a`` and scale matrix ``(b/a)·C`` (spec §1.3). The transformed model has one
-    observed ``MultivariateStudentT(df=2a, loc, scale_tril=chol((b/a)·C))`` site (same name
-    as the observation; :class:`SharedScaleStudentT` for ``[k, n]`` outputs) and keeps
-    ``site`` and ``f`` only as deterministic entries (value 1 and a probe value), so
-    ``log_density`` gives log p(y) exactly. Sites before ``site`` are left alone.
+    If ``site ~ InverseGamma(a, b)`` and, given it and the model's other sites, the
+    observation y is Gaussian with covariance ``scale·C`` (``y ~ MVN(loc, scale·C)``, or
+    ``Normal(loc, √scale·τ)`` in a plate or with ``.to_event``; or a latent
+    ``f ~ MVN(μ, scale·K)`` with y's mean ``f + (terms free of f)``), then given the other
+    sites y is multivariate Student-t with ``df = 2a`` and scale matrix ``(b/a)·C`` (``C + K``
+    with f integrated out; Lee et al., ICLR 2022, §3, and docs/nngp.md). The transformed
+    model has the observation replaced by ``MultivariateStudentT(df=2a, loc,
+    scale_tril=chol((b/a)·C))`` (:class:`SharedScaleStudentT` for ``[k, n]`` outputs) and
+    ``site`` and ``f`` as unscored :data:`MARGINALIZED` entries, so ``log_density`` gives
+    log p(y | other sites) exactly and NUTS or SVI run on the other sites only (e.g. an
+    intercept, or hyperparameters before the scale). Their conditional posterior given
+    each draw of the others is closed-form (σ² | y ~ IG(a + N/2, b + β/2), f | σ², y
+    Gaussian): :meth:`sample_posterior` draws them afterwards.
 
-    The proportionality to the scale is checked on concrete values by two extra blocked
-    runs (scale 1 and 2); otherwise (other prior, non-Gaussian observation, noise not on
-    the scale) it raises ``ValueError`` naming the site and the reason.
+    The structure is read from the trace by :func:`scale_structure` (extra blocked runs with
+    the scale at 1 and 2); what it cannot integrate (another prior, a non-Gaussian
+    observation, noise not on the scale, a subsampled plate, another site whose law depends
+    on the scale) raises ``ValueError`` naming the site and the reason. Deterministic sites
+    computed from the scale see its placeholder value 1.
 
-    Example (spec T3: log p(y) = −16.9095675 under IG(2, 2)):
+    Example (log p(y) = −16.9095675 under IG(2, 2), docs/nngp.md):
 
     >>> import numpy as np
     >>> from numpyro.infer.util import log_density
@@ -971,33 +1176,95 @@ class marginalize_scale:
             raise TypeError(f"marginalize_scale needs a model function, got {type(fn).__name__}")
         self.fn, self.site = fn, site
 
-    def _covariance(self, scale_value, args, kwargs):
-        """A blocked, seeded run with ``site`` fixed to ``scale_value``."""
-        probe = _ScaleProbe(None, self.site, scale_value, False)
-        with numpyro.handlers.block(), probe:
-            numpyro.handlers.seed(self.fn, 0)(*args, **kwargs)
-        return probe
+    def _structure(self, args, kwargs) -> _Structure:
+        st = scale_structure(self.fn, self.site, args, kwargs)
+        if not isinstance(st.prior, dist.InverseGamma):
+            raise ValueError(
+                f"marginalize_scale: cannot marginalise site {self.site!r}: its prior is "
+                f"{type(st.prior).__name__}, not InverseGamma(a, b) (for other priors use "
+                "ppl.inference.nngp.fit(model, ..., method='gh'), or NUTS on the model)"
+            )
+        return st
 
     def __call__(self, *args, **kwargs):
-        one = self._covariance(1.0, args, kwargs)
-        if one.prior is None:
-            raise ValueError(f"marginalize_scale: the model has no sample site {self.site!r}")
-        if one.observed is None:
-            raise ValueError(
-                f"marginalize_scale: cannot marginalise site {self.site!r}: no observed "
-                "Gaussian site after it (pass the data as y=...)"
-            )
-        c1 = one.observed[1]
-        if _concrete(c1):
-            c2 = self._covariance(2.0, args, kwargs).observed[1]
-            if _concrete(c2):
-                c1n, c2n = np.asarray(c1), np.asarray(c2)
-                tol = 1e-6 * np.max(np.abs(c1n))
-                if not np.allclose(c2n, 2 * c1n, rtol=1e-6, atol=tol):
-                    raise ValueError(
-                        f"marginalize_scale: cannot marginalise site {self.site!r}: the "
-                        f"covariance of {one.observed[0]!r} is not proportional to it (noise "
-                        "not on the same scale? use the general path, ppl.inference.nngp.fit)"
-                    )
-        with _ScaleProbe(None, self.site, 1.0, True):
+        st = self._structure(args, kwargs)
+        with _Marginalize(None, st, replace=True):
             return self.fn(*args, **kwargs)
+
+    def sample_posterior(self, key, samples: dict, *args, num_samples: int | None = None, **kwargs):
+        """Draw the integrated-out sites from their conditional posterior given each draw
+        of the other sites: ``σ² ~ IG(a + N/2, b + β/2)`` with β the unit-scale Mahalanobis
+        norm of the residual, then (if a latent ``f`` was integrated out) ``f | σ², y ~
+        N(μ + K(K + C)⁻¹r, σ²(K − K(K + C)⁻¹K))``. Together with the draws of the
+        marginalised model these are draws of the original model's posterior.
+
+        :param key: a PRNG key.
+        :param samples: posterior draws of the transformed model's sites ``{name: [m, ...]}``
+            (e.g. ``MCMC.get_samples()``); may be empty when it has no latent sites.
+        :param args, kwargs: the model's arguments, as given to the transformed model.
+        :param num_samples: the number of draws when ``samples`` is empty.
+        :return: ``samples`` plus ``{site: [m], f: [m, *f.shape]}``.
+
+        Example:
+
+        >>> def model(y=None):
+        ...     s = numpyro.sample("scale", dist.InverseGamma(3.0, 2.0))
+        ...     with numpyro.plate("n", 4):
+        ...         numpyro.sample("y", dist.Normal(0.0, jnp.sqrt(s)), obs=y)
+        >>> tp = marginalize_scale(model)
+        >>> out = tp.sample_posterior(jax.random.key(0), {}, y=jnp.ones(4), num_samples=5)
+        >>> out["scale"].shape       # IG(3 + 2, 2 + 2) draws
+        (5,)
+        """
+        sizes = {jnp.shape(v)[0] for v in samples.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"samples must share their leading (draw) dimension, got {sizes}")
+        if not sizes and (num_samples is None or int(num_samples) < 1):
+            raise ValueError("samples is empty: pass num_samples (a positive integer)")
+        m = sizes.pop() if sizes else int(num_samples)
+        st = self._structure(args, kwargs)
+        missing = sorted(_latent_names(self.fn, st, args, kwargs) - set(samples))
+        if missing:
+            raise ValueError(
+                f"samples has no draws of the latent site(s) {missing}: pass the posterior "
+                "draws of every latent site of the marginalised model"
+            )
+
+        def one(key, params):
+            h = _Marginalize(None, st, replace=False)
+            with numpyro.handlers.block(), h:
+                model = numpyro.handlers.substitute(numpyro.handlers.seed(self.fn, 0), params)
+                model(*args, **kwargs)
+            value, loc, cov = h.obs
+            a, b = h.prior.concentration, h.prior.rate
+            beta, _, n, chol, alpha = unit_scale_statistics(value, loc, cov)
+            k1, k2 = jax.random.split(key)
+            s = (b + beta / 2) / jax.random.gamma(k1, a + n / 2, dtype=value.dtype)
+            out = {self.site: s}
+            if h.f is not None:
+                f_loc, f_cov, _ = h.f
+                kf = f_cov if f_cov.ndim == 2 else f_cov.reshape(-1, *f_cov.shape[-2:])[0]
+                mean = f_loc + (kf @ alpha.T).T
+                v = jax.scipy.linalg.solve_triangular(chol, kf, lower=True)
+                post = kf - v.T @ v
+                post = 0.5 * (post + post.T)
+                jitter = 1e-10 * jnp.mean(jnp.diagonal(kf)) * jnp.eye(kf.shape[0], dtype=kf.dtype)
+                tril = jnp.linalg.cholesky(post + jitter)
+                z = jax.random.normal(k2, mean.shape, mean.dtype)
+                out[st.latent] = mean + jnp.sqrt(s) * (z @ tril.T)
+            return out
+
+        draws = jax.jit(jax.vmap(one))(jax.random.split(key, m), samples)
+        return {**samples, **draws}
+
+
+def _latent_names(fn, st: _Structure, args, kwargs) -> set:
+    """Latent sample sites of the marginalised model (one blocked, seeded trace)."""
+
+    def marginal(*a, **kw):
+        with _Marginalize(None, st, replace=True):
+            return fn(*a, **kw)
+
+    with numpyro.handlers.block():
+        tr = numpyro.handlers.trace(numpyro.handlers.seed(marginal, 0)).get_trace(*args, **kwargs)
+    return {n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
