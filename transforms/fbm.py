@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax import lax
 from jax.scipy.special import gammainc, gammaincc, gammaln
 from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
@@ -1180,14 +1181,20 @@ def interpolate(xs, times, dt):
     return xs[lo] * (1.0 - frac) + xs[hi] * frac
 
 
-def _check_setup_end(name, last, t_end):
-    """Run-time guard of a traced ``times`` on the grid taken from a concrete run."""
-    if abs(float(last) - t_end) > 1e-6 * t_end:
-        raise ValueError(
-            f"fbm_sde {name!r}: the traced times end at {float(last):g}, but markov_fbm set "
-            f"the Euler grid up for times ending at {t_end:g} (its last run with concrete "
-            "times): for times that change, give fbm_sde a t_end= that covers them all"
-        )
+def _raise_setup_end(name, last, t_end):
+    """Run-time error for traced ``times`` that end off the grid taken from a concrete run
+    (a host callback, run only when they do)."""
+
+    def check(last):
+        if abs(float(last) - t_end) > 1e-6 * t_end:
+            raise ValueError(
+                f"fbm_sde {name!r}: the traced times end at {float(last):g}, but markov_fbm "
+                f"set the Euler grid up for times ending at {t_end:g} (its last run with "
+                "concrete times): for times that change, give fbm_sde a t_end= that covers "
+                "them all"
+            )
+
+    jax.debug.callback(check, last)
 
 
 #: Key of a guide's increments site ``infer`` dict that carries its law (``share_path``).
@@ -1263,6 +1270,12 @@ class markov_fbm(Messenger):
     :param ou_step: ``"euler"`` (default; the reference's scheme) or ``"exact"`` (the OU
         states take their exact Gaussian transition over each step, X stays Euler; no step
         guard): see :meth:`MarkovSDE.ou_transition`.
+
+    The number of Euler steps ⌈t_end/dt⌉ is static. When a site's ``times`` are traced (a
+    jitted argument, as in :class:`ppl.inference.SVI`'s compiled step) and its ``t_end`` is not
+    given, the handler uses the ``times[-1]`` of its last run of that site with concrete times
+    of the same shape (``SVI.init`` is one), as ``numpyro.infer.SVI.run``, which closes over
+    its arguments, does; traced times that end elsewhere give NaN and a run-time error.
 
     Example (an fOU prior; the guide would pass ``control=``):
 
@@ -1394,7 +1407,9 @@ class markov_fbm(Messenger):
             infer = {_SHARED_PATH: law} if share_path else None
             inc = numpyro.sample(f"{name}.dW", law, infer=infer)
             xs = law.path(inc)
-        if guard_end is not None:
-            jax.debug.callback(_check_setup_end, name, times[-1], guard_end)
         at_times = jnp.moveaxis(interpolate(xs, ts, dt), 0, -2)
+        if guard_end is not None:  # NaN, and an error from the host, if times end elsewhere
+            off = jnp.abs(times[-1] - guard_end) > 1e-6 * guard_end
+            lax.cond(off, lambda: _raise_setup_end(name, times[-1], guard_end), lambda: None)
+            at_times = jnp.where(off, jnp.nan, at_times)
         return numpyro.deterministic(name, at_times)
