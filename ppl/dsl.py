@@ -443,7 +443,7 @@ def _import(meta, arrays, shared, lead: tuple) -> OrderedDict:
             if "scored" in info:
                 fn = _Scored(entry["fn"], info["scored"][1], info["scored"][0])
             else:
-                fn = _promoted(entry["fn"], expected)
+                fn = promote_batch_shape(entry["fn"])
             if tuple(fn.batch_shape) != expected:
                 raise ValueError(
                     f"site {name!r}: cannot vectorise {type(fn).__name__} over particles "
@@ -513,18 +513,16 @@ def _promote_independent(d: dist.Independent):
     return new
 
 
-def _promoted(fn, expected: tuple):
-    """``fn`` returned by ``jax.vmap``, with the batch shape its batched leaves have."""
-    out = promote_batch_shape(fn)
-    if tuple(out.batch_shape) != expected and isinstance(out, dist.TransformedDistribution):
-        # a flow's batch shape is its base's: promote the base, keep the transforms
-        out = copy.copy(out)
-        out.base_dist = _promoted(
-            out.base_dist,
-            expected[: len(expected) - len(fn.batch_shape)] + tuple(out.base_dist.batch_shape),
-        )
-        out._batch_shape = expected
-    return out
+@promote_batch_shape.register
+def _promote_transformed(d: dist.TransformedDistribution):
+    # NumPyro has no rule for flows (an autoguide's constrained site): the default keeps
+    # the batch shape, so an ExpandedDistribution around it lost the vmapped axes. A flow's
+    # batch shape is its base's, less the dims its transforms' event dims take.
+    new = copy.copy(d)
+    new.base_dist = promote_batch_shape(d.base_dist)
+    added = len(new.base_dist.batch_shape) - len(d.base_dist.batch_shape)
+    new._batch_shape = tuple(new.base_dist.batch_shape)[:added] + tuple(d.batch_shape)
+    return new
 
 
 def natural_shape(run: _Run, name, value):
