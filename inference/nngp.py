@@ -27,6 +27,12 @@ Methods of :func:`fit`:
   report the effective sample size and warn (``UserWarning``) below 10 % of the draws (D3);
 * ``"nuts"`` -- NumPyro's NUTS on the ``scale`` site (uniform weights over the draws).
 
+:func:`fit` also takes the user's own NumPyro model ``model(x, y=y)``: ``"gh"``, ``"is"`` and
+``"closed"`` read the scale, its prior and the Gaussian likelihood from the trace
+(:func:`ppl.transforms.nngp.scale_structure`; a latent Gaussian on the scale is integrated
+out), and name any site they cannot use before any work; ``"nuts"`` runs on every latent
+site of the model.
+
 The result, :class:`ScalePosterior`, is a discrete mixture over ``m`` log-scales (nodes or
 draws) with normalised log-weights; :func:`predict` turns it into a :class:`Predictive`
 (``latent=True``: f*, else y*, defect D4). :func:`fit_hyperparameters` learns σ_w, σ_b, τ²

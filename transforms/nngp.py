@@ -889,7 +889,7 @@ class _Probe(Messenger):
         super().__init__(fn)
 
     def __enter__(self):
-        self.prior = None
+        self.prior, self.observed_scale = None, False
         self.before = []  # sample sites before the scale
         self.sites = {}  # name -> record, in program order
         return super().__enter__()
@@ -899,8 +899,7 @@ class _Probe(Messenger):
             return
         name = msg["name"]
         if name == self.site:
-            if msg["is_observed"]:
-                raise ValueError(f"cannot marginalise site {name!r}: it is observed")
+            self.observed_scale = msg["is_observed"]
             self.prior = msg["fn"]
             msg["value"] = jnp.asarray(self.scale_value, jnp.result_type(float))
             msg["type"] = MARGINALIZED
@@ -981,18 +980,15 @@ def scale_structure(fn, site, args=(), kwargs=None, *, who="marginalize_scale") 
 
     def run(scale_value, shifts=None):
         probe = _Probe(None, site, scale_value, shifts)
-        try:
-            with numpyro.handlers.block(), probe:
-                numpyro.handlers.seed(fn, 0)(*args, **kwargs)
-        except ValueError as err:
-            if str(err).startswith("cannot marginalise"):
-                reject(str(err).split(": ", 1)[1])
-            raise
+        with numpyro.handlers.block(), probe:
+            numpyro.handlers.seed(fn, 0)(*args, **kwargs)
         return probe
 
     one = run(1.0)
     if one.prior is None:
         raise ValueError(f"{who}: the model has no sample site {site!r}")
+    if one.observed_scale:
+        reject("it is observed (a fixed scale has nothing to integrate)")
     observed = next(
         (n for n, r in one.sites.items() if r["observed"] and r["gauss"] is not None), None
     )
