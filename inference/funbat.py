@@ -295,6 +295,14 @@ def _check_sites(tr, modes, indexes):
     us = []
     for k, s in enumerate(modes):
         ss = s["infer"]["state_space"]
+        noise = float(np.asarray(ss.get("noise", 0.0)))
+        if noise != 0.0:
+            raise ValueError(
+                f"site {s['name']!r} is a GaussianProcess with jitter={noise} (white noise); "
+                "CEP's Kalman smoother fits noiseless factor trajectories. Use jitter=0, or "
+                "run ppl.inference.NUTS or ppl.inference.SVI on "
+                "ppl.transforms.state_space.state_space(model)"
+            )
         grid = np.asarray(ss["grid"], np.float64)
         on_grid = np.zeros((s["value"].shape[0], grid.shape[0]))
         on_grid[:, np.asarray(ss["inverse"]).reshape(-1)] = np.asarray(s["value"])

@@ -29,14 +29,14 @@ def _funbat_data(n=200):
     return d["train_indexes"][:n], d["train_y"][:n]
 
 
-def _tucker_with(indexes, y=None, *, offset=None, lik="normal"):
+def _tucker_with(indexes, y=None, *, offset=None, lik="normal", jitter=0.0):
     """``fm.model`` (ranks 2) written out, plus an optional extra site."""
     idx = np.asarray(indexes)
     us = []
     for k in range(idx.shape[1]):
         grid, pos = np.unique(idx[:, k], return_inverse=True)
         with numpyro.plate(f"rank_{k}", 2):
-            u = numpyro.sample(f"u_{k}", GaussianProcess(KERNEL, grid))
+            u = numpyro.sample(f"u_{k}", GaussianProcess(KERNEL, grid, jitter=jitter))
         us.append(u[:, pos].T)
     W = numpyro.sample("W", dist.Normal(0.0, 1.0).expand((2, 2)).to_event(2))
     tau = numpyro.sample("tau", dist.Gamma(1.0, 1.0))
@@ -58,6 +58,7 @@ def _tucker_with(indexes, y=None, *, offset=None, lik="normal"):
         ({"offset": "latent"}, r"\['b'\].*state_space\(model\)"),
         ({"offset": "fixed"}, r"mean of site 'y' is not the Tucker mean"),
         ({"lik": "student"}, r"StudentT likelihood.*NUTS"),
+        ({"jitter": 1e-3}, r"'u_0' is a GaussianProcess with jitter.*state_space\(model\)"),
     ],
 )
 def test_funbat_cep_refuses_sites_it_cannot_update(kwargs, match):
