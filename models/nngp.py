@@ -171,7 +171,7 @@ def regression(
       ``MVN(0, scale·K + τ²I)``;
     * ``latent=True``: ``f ~ MVN(0, scale·K + jitter·I)`` (jitter ``1e-10·mean diag K``), then
       ``y ~ Normal(f, √(scale·τ²))`` (``noise_scaled``) or ``Normal(f, τ)``, independent
-      over the n points (``.to_event(1)``: no plate, so :class:`marginalize_scale` accepts it).
+      over the n points (``.to_event(1)``).
 
     k outputs (``y [n, k]``) share the scale and are independent given it; the Gaussians put
     the outputs in their batch dimension, so the sites ``f`` and ``y`` then hold
