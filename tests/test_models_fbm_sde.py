@@ -165,6 +165,7 @@ def test_constant_scaled_control_kl():
     np.testing.assert_allclose(np.std(np.asarray(value - c * dt)), s0 * math.sqrt(dt), rtol=0.02)
 
 
+@pytest.mark.slow  # 60 SVI steps on 2 × 256 sequences, ~25 s
 def test_noise_scale_guide_starts_at_the_prior_and_bounds_the_evidence():
     """noise_scale=True: the zero-initialised control gives s = 1 (guide = prior); after 60
     steps (the scale has moved) the ELBO of the bridge is still ≤ the exact evidence of the

@@ -292,6 +292,7 @@ def _quad(f, lo, hi):
     return integrate.quad(f, lo, hi, limit=1000, epsabs=0, epsrel=1e-11)[0]
 
 
+@pytest.mark.slow  # 100k rejection draws at six shapes against quadrature, ~30 s
 def test_gamma_shape_weight_and_side_moments_match_quadrature():
     n = 100_000
     alpha = jnp.repeat(jnp.asarray(ALPHAS, jnp.float32)[:, None], n, axis=1)

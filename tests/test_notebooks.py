@@ -14,7 +14,15 @@ def test_there_is_a_tutorial_notebook():
     assert any(p.name == "01_programmable_vi.ipynb" for p in NOTEBOOKS)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# The core tutorial runs in the default suite; the five family tutorials (30-90 s each on
+# 2 cores) run with -m slow, keeping the default suite under 15 minutes.
+CASES = [
+    pytest.param(p, marks=() if p.name.startswith("01_") else pytest.mark.slow, id=p.name)
+    for p in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", CASES)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("PPL_FAST", "1")
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))

@@ -156,6 +156,7 @@ def test_eight_schools_noncentred_reports_divergences_and_summarises():
     assert np.isfinite(az.loo(idata).elpd_loo)
 
 
+@pytest.mark.slow  # a statistical property of NUTS on the funnel, ~15 s
 def test_eight_schools_centred_has_divergences():
     """The funnel of the centred model makes NUTS diverge; the count reaches sample_stats.
     (target_accept=0.6 makes it robust: 13-30 divergences over seeds 0-3.)"""

@@ -1667,9 +1667,8 @@ def assert_mean_matches(samples, exact, what):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("obj", list(OBJECTIVES))
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_peer(case, obj):
+def check_peer(case, obj):
+    """One case under one objective against its reference (see the module docstring)."""
     params = params_of(case)
     key = case_key(case)
     if _exact_reference(case, obj):
@@ -1688,6 +1687,31 @@ def test_peer(case, obj):
         assert_mean_matches(values, exact_value, f"{case.name}/{obj}: value")
     for k in exact_grads:
         assert_mean_matches(grads[k], exact_grads[k], f"{case.name}/{obj}: d/d{k}")
+
+
+# One class per objective: pytest-xdist's loadscope sends each class to a worker of its own,
+# so the corpus (about 6 minutes of one core) does not run on a single worker.
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+class TestPeerElbo:
+    def test_peer(self, case):
+        check_peer(case, "elbo")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+class TestPeerIwelbo3:
+    def test_peer(self, case):
+        check_peer(case, "iwelbo3")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+class TestPeerRenyi05_3:
+    def test_peer(self, case):
+        check_peer(case, "renyi05_3")
+
+
+def test_every_objective_has_its_class():
+    classes = {TestPeerElbo: "elbo", TestPeerIwelbo3: "iwelbo3", TestPeerRenyi05_3: "renyi05_3"}
+    assert sorted(classes.values()) == sorted(OBJECTIVES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

