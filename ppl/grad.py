@@ -141,7 +141,9 @@ def _trace_setup(model, guide, params, rng_key, args, kwargs) -> Setup:
         spread = _spread_plates(sample_sites, sizes)
     nonlocal_plates = {}
     if set(spread) != set(common):
-        nonlocal_plates = _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, spread)
+        nonlocal_plates = _nonlocal_plates(
+            model, guide, params, k1, k2, args, kwargs, gt, mt, spread
+        )
     return Setup(
         batch_rank=rank,
         auto_plates=common or {},
@@ -177,7 +179,7 @@ def _spread_plates(sample_sites, sizes) -> dict:
     return {n: (d, sizes[n]) for n, d in dims.items() if d not in shared and n in sizes}
 
 
-def _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, spread) -> dict:
+def _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, mt, spread) -> dict:
     """``{site: plates}``: for each non-reparameterised guide site, the plates it is in
     along which a log-density term *outside* the plate depends on its value.
 
@@ -213,24 +215,27 @@ def _nonlocal_plates(model, guide, params, k1, k2, args, kwargs, gt, spread) -> 
 
         return fn
 
-    def traces(sub=None):
-        guide_ = _program(guide) if sub is None else substitute(_program(guide), substitute_fn=sub)
+    def log_densities(**values):
+        sub = substitute(_program(guide), substitute_fn=substitute_fn(values))
         with trace() as g, substitute_params(params=params), seed(rng_seed=k1):
-            guide_(*args, **kwargs)
+            sub(*args, **kwargs)
         with trace() as m, substitute_params(params=params), seed(rng_seed=k2), replay(trace=g):
             _program(model)(*args, **kwargs)
-        return {(i, n): site for i, tr in enumerate((g, m)) for n, site in tr.items()}
-
-    def log_densities(**values):
-        sites = traces(substitute_fn(values))
-        return {t: site_log_prob(s) for t, s in sites.items() if s["type"] == "sample"}
-
-    try:
-        frames = {
-            t: frozenset(f.name for f in s["cond_indep_stack"])
-            for t, s in traces().items()
-            if s["type"] == "sample"
+        return {
+            (i, n): site_log_prob(site)
+            for i, tr in enumerate((g, m))
+            for n, site in tr.items()
+            if site["type"] == "sample"
         }
+
+    # the setup's own traces (same params and seeds) give each term's plates
+    frames = {
+        (i, n): frozenset(f.name for f in site["cond_indep_stack"])
+        for i, tr in enumerate((gt, mt))
+        for n, site in tr.items()
+        if site["type"] == "sample"
+    }
+    try:
         deps = eval_provenance(log_densities, **{n: gt[n]["value"] for n in tracked})
     except Exception:  # noqa: BLE001 - conservative fallback, see the docstring
         return dict(tracked)
